@@ -1,0 +1,5 @@
+"""Denoiser networks."""
+
+from dpdm.nets.unet import DDPMppUNet
+
+__all__ = ["DDPMppUNet"]

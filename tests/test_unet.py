@@ -1,0 +1,177 @@
+"""Tests of the DDPM++ U-Net: size, conditioning, and Opacus compatibility."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+
+from dpdm.nets import DDPMppUNet
+from dpdm.nets.layers import ResBlock
+
+# Exact count of the paper's MNIST config; the paper quotes "1.75M".
+PAPER_PARAMS = 1_754_401
+# Opacus' full backward hooks warn when the input image does not require grad;
+# that is expected (we only want parameter gradients).
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+SMALL = dict(img_resolution=8, model_channels=8, channel_mult=(1, 2), attn_resolutions=(4,))
+
+
+def small_net(num_classes: int = 3, dropout: float = 0.0, seed: int = 0) -> DDPMppUNet:
+    """Small float64 net with every weight random, so no gradient is trivially zero."""
+    torch.manual_seed(seed)
+    net = DDPMppUNet(**SMALL, num_classes=num_classes, dropout=dropout).double()
+    net.reset_parameters(zero_init=False)
+    return net
+
+
+def batch(n: int, num_classes: int, seed: int = 1, res: int = 8):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, res, res, generator=gen, dtype=torch.float64)
+    noise = torch.randn(n, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, num_classes + 1, (n,), generator=gen) if num_classes else None
+    target = torch.randn(n, 1, res, res, generator=gen, dtype=torch.float64)
+    return x, noise, labels, target
+
+
+def test_paper_config_parameter_count_and_shape():
+    net = DDPMppUNet()
+    count = sum(p.numel() for p in net.parameters())
+    assert count == PAPER_PARAMS
+    assert abs(count - 1.75e6) / 1.75e6 < 0.03
+    x = torch.randn(2, 1, 28, 28)
+    out = net(x, torch.randn(2), torch.tensor([3, net.null_label]))
+    assert out.shape == x.shape
+    # Zero-initialised output conv: the untrained net predicts exactly zero.
+    assert torch.count_nonzero(out) == 0
+
+
+def test_paper_config_attends_only_at_7x7():
+    net = DDPMppUNet()
+    seen = []
+    for blk in net.modules():
+        if isinstance(blk, ResBlock) and blk.attn is not None:
+            blk.attn.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    net(torch.randn(1, 1, 28, 28), torch.zeros(1), None)
+    # Encoder: 2 blocks at 7x7, middle: 1, decoder: last block of the 7x7 level.
+    assert seen == [7, 7, 7, 7]
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_output_shape(num_classes):
+    net = small_net(num_classes)
+    x, noise, labels, _ = batch(5, num_classes)
+    assert net(x, noise, labels).shape == (5, 1, 8, 8)
+
+
+def test_out_channels_differ_from_in_channels():
+    net = DDPMppUNet(**SMALL, in_channels=3, out_channels=2, num_classes=0)
+    assert net(torch.randn(2, 3, 8, 8), torch.randn(2)).shape == (2, 2, 8, 8)
+
+
+def test_none_labels_equal_null_labels():
+    net = small_net(num_classes=3).eval()
+    assert net.null_label == 3
+    x, noise, _, _ = batch(4, 3)
+    null = torch.full((4,), net.null_label, dtype=torch.long)
+    torch.testing.assert_close(net(x, noise, None), net(x, noise, null), rtol=0, atol=0)
+
+
+def test_labels_change_output():
+    net = small_net(num_classes=3).eval()
+    x, noise, _, _ = batch(1, 3)
+    outs = [net(x, noise, torch.tensor([c])) for c in range(4)]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not torch.allclose(outs[a], outs[b])
+
+
+def test_unconditional_net_has_no_label_embedding_and_rejects_labels():
+    net = small_net(num_classes=0)
+    assert not any(isinstance(m, torch.nn.Embedding) for m in net.modules())
+    x, noise, _, _ = batch(2, 0)
+    with pytest.raises(ValueError):
+        net(x, noise, torch.zeros(2, dtype=torch.long))
+
+
+def test_odd_resolution_rejected():
+    with pytest.raises(ValueError):
+        DDPMppUNet(img_resolution=14, channel_mult=(1, 2, 2))  # 14 -> 7 -> 3.5
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_module_validator_strict(num_classes):
+    ModuleValidator.validate(small_net(num_classes), strict=True)
+    ModuleValidator.validate(DDPMppUNet(), strict=True)
+
+
+def test_only_opacus_friendly_parametric_leaves():
+    allowed = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm, torch.nn.Embedding)
+    for module in DDPMppUNet().modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            assert isinstance(module, allowed), type(module)
+
+
+def test_no_module_called_twice_per_forward():
+    net = small_net(num_classes=3)
+    calls = Counter()
+    for name, module in net.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.register_forward_hook(lambda m, i, o, name=name: calls.update([name]))
+    x, noise, labels, _ = batch(2, 3)
+    net(x, noise, labels)
+    params = {n for n, m in net.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    assert set(calls) == params
+    assert set(calls.values()) == {1}
+
+
+def per_sample_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((out - target) ** 2).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_opacus_per_sample_grads_match_microbatches(num_classes):
+    net = small_net(num_classes).train()
+    reference = copy.deepcopy(net)
+    gsm = GradSampleModule(net, batch_first=True, loss_reduction="sum")
+    x, noise, labels, target = batch(4, num_classes)
+    per_sample_loss(gsm(x, noise, labels), target).sum().backward()
+
+    for i in range(4):
+        reference.zero_grad(set_to_none=True)
+        lab = None if labels is None else labels[i : i + 1]
+        out = reference(x[i : i + 1], noise[i : i + 1], lab)
+        per_sample_loss(out, target[i : i + 1]).sum().backward()
+        for (name, p), ref in zip(net.named_parameters(), reference.parameters()):
+            assert ref.grad is not None and ref.grad.abs().max() > 0, name
+            err = (p.grad_sample[i] - ref.grad).abs().max().item()
+            assert err < 1e-10, (name, err)
+
+
+def test_grad_sample_module_full_pass_with_dropout():
+    # Catches in-place ops on hooked outputs: autograd or the hooks would raise.
+    net = small_net(num_classes=3, dropout=0.1).train()
+    gsm = GradSampleModule(net, batch_first=True, loss_reduction="mean")
+    x, noise, labels, target = batch(6, 3)
+    per_sample_loss(gsm(x, noise, labels), target).mean().backward()
+    for name, p in net.named_parameters():
+        assert p.grad_sample is not None, name
+        assert p.grad_sample.shape == (6, *p.shape), name
+        assert torch.isfinite(p.grad_sample).all(), name
+
+
+def test_grad_sample_module_empty_batch():
+    # Poisson sampling can produce empty batches; they must flow through.
+    net = small_net(num_classes=3).train()
+    gsm = GradSampleModule(net, batch_first=True, loss_reduction="sum")
+    x, noise, labels, target = batch(0, 3)
+    out = gsm(x, noise, labels)
+    assert out.shape == (0, 1, 8, 8)
+    per_sample_loss(out, target).sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad_sample is not None and p.grad_sample.shape == (0, *p.shape), name
