@@ -1,0 +1,66 @@
+"""Privacy accounting for Poisson-subsampled Gaussian DP-SGD, delegated to Opacus' accountants.
+
+The mechanism is data: (σ, q, steps). Opacus accounts for it (RDP by default, as in the DPDM paper; PRV
+available); this module only calibrates σ by a root search and answers "how many steps fit the budget".
+"""
+from __future__ import annotations
+
+from opacus.accountants import create_accountant
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def _check_accountant(name: str) -> str:
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"privacy.accountant must be one of {ACCOUNTANTS}, got {name!r}")
+    return name
+
+
+def epsilon_spent(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                  accountant: str = "rdp") -> float:
+    """ε after `steps` Poisson-subsampled Gaussian steps with rate q and noise multiplier σ."""
+    if steps == 0:
+        return 0.0
+    acc = create_accountant(mechanism=_check_accountant(accountant))
+    acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float,
+                               steps: int, accountant: str = "rdp", rel_tol: float = 1e-3) -> float:
+    """Smallest σ (to `rel_tol` in ε) whose ε after `steps` steps is ≤ target_epsilon.
+
+    Bisection on σ: ε(σ) is decreasing, so the upper end always satisfies the budget and is returned.
+    """
+    if target_epsilon <= 0:
+        raise ValueError(f"privacy.epsilon must be > 0, got {target_epsilon}")
+    eps = lambda s: epsilon_spent(noise_multiplier=s, sample_rate=sample_rate, steps=steps,
+                                  delta=delta, accountant=accountant)
+    lo, hi = 0.0, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > 1e4:
+            raise ValueError(f"no noise multiplier ≤ 1e4 reaches ε={target_epsilon} in {steps} steps")
+    for _ in range(100):
+        if eps(hi) >= target_epsilon * (1 - rel_tol) or hi - lo < 1e-9:
+            break
+        mid = 0.5 * (lo + hi)
+        if eps(mid) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def max_steps_within_budget(*, target_epsilon: float, delta: float, noise_multiplier: float,
+                            sample_rate: float, accountant: str = "rdp", upper: int) -> int:
+    """Largest T ≤ upper with ε(T) ≤ target (ε grows with T, so bisection on T)."""
+    eps = lambda t: epsilon_spent(noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                                  steps=t, delta=delta, accountant=accountant)
+    if eps(upper) <= target_epsilon:
+        return upper
+    lo, hi = 0, upper  # ε(lo) ≤ target < ε(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if eps(mid) <= target_epsilon else (lo, mid)
+    return lo

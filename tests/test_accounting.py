@@ -1,0 +1,73 @@
+"""Accounting against an independent implementation (Google's dp_accounting) and calibration round trips."""
+import dp_accounting
+import pytest
+from opacus.accountants.rdp import RDPAccountant
+
+from dpdm.privacy.accounting import (calibrate_noise_multiplier, epsilon_spent,
+                                     max_steps_within_budget)
+from dpdm.training.privacy_plan import make_privacy_plan
+
+GRID = [(0.01, 1.0, 1000), (4096 / 60000, 2.5, 4200), (0.001, 0.8, 10000), (0.2, 5.0, 100),
+        (256 / 60000, 0.7, 500)]
+
+
+def _event(q, sigma, steps):
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+
+
+@pytest.mark.parametrize("q,sigma,steps", GRID)
+def test_rdp_matches_dp_accounting(q, sigma, steps):
+    ref = dp_accounting.rdp.RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+    ref.compose(_event(q, sigma, steps))
+    ours = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5)
+    assert ours == pytest.approx(ref.get_epsilon(1e-5), rel=1e-3)
+
+
+@pytest.mark.parametrize("q,sigma,steps", GRID[:3])
+def test_prv_matches_pld_accountant(q, sigma, steps):
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    pld.compose(_event(q, sigma, steps))
+    ours = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5,
+                         accountant="prv")
+    # Two numerical "tight" accountants, each with its own discretization error bound.
+    assert ours == pytest.approx(pld.get_epsilon(1e-5), rel=0.03)
+    # And tight accounting never reports more than RDP's bound.
+    assert ours <= epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("eps", [0.2, 1.0, 10.0])
+def test_calibrated_sigma_reproduces_epsilon_within_one_percent(eps, accountant):
+    q, steps = 4096 / 60000, 14 * 20
+    sigma = calibrate_noise_multiplier(target_epsilon=eps, delta=1e-5, sample_rate=q, steps=steps,
+                                       accountant=accountant)
+    back = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5,
+                         accountant=accountant)
+    assert back <= eps  # never over budget
+    assert back >= 0.99 * eps  # and not wastefully noisy
+
+
+def test_max_steps_is_the_last_step_within_budget():
+    kw = dict(noise_multiplier=1.0, sample_rate=0.01, delta=1e-5)
+    T = max_steps_within_budget(target_epsilon=2.0, upper=10**5, **kw)
+    assert epsilon_spent(steps=T, **kw) <= 2.0 < epsilon_spent(steps=T + 1, **kw)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(epsilon=0.0), "epsilon"), (dict(epsilon=-1.0), "epsilon"),
+    (dict(delta=1e-3), "delta"), (dict(batch_size=10**6), "batch_size"),
+    (dict(noise_multiplicity=0), "noise_multiplicity"), (dict(max_grad_norm=0.0), "max_grad_norm"),
+])
+def test_bad_privacy_config_is_refused(bad, match):
+    kw = dict(enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=1.0, accountant="rdp",
+              noise_multiplier=None, batch_size=256, dataset_size=60000, epochs=1,
+              noise_multiplicity=4)
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        make_privacy_plan(**kw)
+
+
+def test_unknown_accountant_is_refused():
+    with pytest.raises(ValueError, match="accountant"):
+        epsilon_spent(noise_multiplier=1.0, sample_rate=0.01, steps=10, delta=1e-5, accountant="gdp?")
