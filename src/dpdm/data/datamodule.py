@@ -1,0 +1,198 @@
+"""LightningDataModule over the cached MNIST-style datasets, with Poisson sampling for DP-SGD."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from opacus.data_loader import DPDataLoader
+from torch.utils.data import DataLoader, Dataset
+
+from dpdm.data.acquire import dataset_info, load_split
+
+__all__ = ["ImageDataModule", "UInt8ImageDataset", "batch_passthrough"]
+
+
+class UInt8ImageDataset(Dataset):
+    """In-memory uint8 images served as float32 in [-1, 1].
+
+    Keeping uint8 in memory is 4x smaller than float; converting a whole
+    batch at once in ``__getitems__`` (which DataLoader prefers over
+    per-item ``__getitem__``) keeps Python overhead per batch, not per image.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @staticmethod
+    def _to_float(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32).div_(127.5).sub_(1.0)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._to_float(self.images[index]), self.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # An empty index list yields (0, C, H, W) / (0,) tensors directly, so
+        # empty Poisson batches never depend on a collate fallback.
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return self._to_float(self.images[idx]), self.labels[idx]
+
+
+def batch_passthrough(batch: Any) -> Any:
+    """Collate for datasets whose ``__getitems__`` already returns a batch.
+
+    Module level (not a lambda) so loaders with worker processes can pickle it.
+    """
+    return batch
+
+
+class ImageDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        name: str,
+        data_dir: str | None = None,
+        batch_size: int = 256,
+        poisson_sampling: bool = True,
+        num_workers: int = 0,
+        eval_batch_size: int = 1000,
+        subset_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.info = dataset_info(name)
+        for label, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if int(value) < 1:
+                raise ValueError(f"{label} must be >= 1, got {value}")
+        if subset_size is not None and subset_size < 1:
+            raise ValueError(f"subset_size must be >= 1 or None, got {subset_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.name = name
+        self.data_dir = data_dir
+        self.batch_size = int(batch_size)
+        self.poisson_sampling = poisson_sampling
+        self.num_workers = num_workers
+        self.eval_batch_size = int(eval_batch_size)
+        self.subset_size = subset_size
+        self.seed = seed
+        # Created once here, never in setup(): Lightning restores it through
+        # load_state_dict() after setup() when resuming, and setup() may run
+        # once per stage.
+        self.sampler_generator = torch.Generator().manual_seed(seed)
+        self.train_set: UInt8ImageDataset | None = None
+        self.test_set: UInt8ImageDataset | None = None
+
+    # ------------------------------------------------------------ data
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None and stage in (None, "fit"):
+            images, labels = load_split(self.name, "train", data_dir=self.data_dir)
+            if self.subset_size is not None and self.subset_size < images.shape[0]:
+                # Own generator: choosing the subset must not advance the
+                # sampling stream (and stays the same for a given seed).
+                perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.seed))
+                keep = perm[: self.subset_size]
+                images, labels = images[keep], labels[keep]
+            if self.batch_size > images.shape[0]:
+                raise ValueError(
+                    f"batch_size {self.batch_size} exceeds the {images.shape[0]} training examples; "
+                    "the Poisson sample rate batch_size/num_train must be in (0, 1]"
+                )
+            self.train_set = UInt8ImageDataset(images, labels)
+        if self.test_set is None and stage in (None, "fit", "validate", "test", "predict"):
+            self.test_set = UInt8ImageDataset(*load_split(self.name, "test", data_dir=self.data_dir))
+
+    def _train(self) -> UInt8ImageDataset:
+        if self.train_set is None:
+            self.setup("fit")
+        assert self.train_set is not None
+        return self.train_set
+
+    def _test(self) -> UInt8ImageDataset:
+        if self.test_set is None:
+            self.setup("test")
+        assert self.test_set is not None
+        return self.test_set
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def num_train(self) -> int:
+        return len(self._train())
+
+    @property
+    def sample_rate(self) -> float:
+        """Poisson sampling probability q = batch_size / num_train."""
+        return self.batch_size / self.num_train
+
+    @property
+    def expected_batch_size(self) -> int:
+        return self.batch_size
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.info.image_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    # ------------------------------------------------------------ loaders
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._train()
+        if self.poisson_sampling:
+            return DPDataLoader(
+                dataset,
+                sample_rate=self.sample_rate,
+                generator=self.sampler_generator,
+                collate_fn=batch_passthrough,
+                num_workers=self.num_workers,
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=False,
+            generator=self.sampler_generator,
+            collate_fn=batch_passthrough,
+            num_workers=self.num_workers,
+        )
+
+    def _eval_loader(self) -> DataLoader:
+        return DataLoader(
+            self._test(),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=batch_passthrough,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    # ------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler_generator_state": self.sampler_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A checkpoint loaded with a GPU map_location may hand back a CUDA
+        # tensor; generator state must be a CPU ByteTensor.
+        state = torch.as_tensor(state_dict["sampler_generator_state"]).to("cpu", torch.uint8)
+        self.sampler_generator.set_state(state)
+
