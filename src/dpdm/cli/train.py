@@ -1,0 +1,113 @@
+"""dpdm-train: the Hydra main. Composes data, network, denoiser, noise levels, privacy and trainer."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dpdm.cli import CONFIG_DIR
+from dpdm.cli.errors import exit_on_user_error
+
+log = logging.getLogger("dpdm.train")
+
+
+def build_module(cfg: DictConfig, dm):
+    from dpdm.training.module import DPDiffusionModule
+    from dpdm.training.privacy_plan import make_privacy_plan
+
+    p = cfg.privacy
+    plan = make_privacy_plan(
+        enabled=p.enabled, epsilon=p.epsilon, delta=p.delta, max_grad_norm=p.max_grad_norm,
+        accountant=p.accountant, noise_multiplier=p.noise_multiplier,
+        batch_size=cfg.data.batch_size, dataset_size=dm.num_train,
+        epochs=cfg.trainer.max_epochs, noise_multiplicity=cfg.loss.noise_multiplicity)
+    module = DPDiffusionModule(
+        net=instantiate(cfg.net), plan=plan, preconditioning=instantiate(cfg.denoiser),
+        sigma_dist=instantiate(cfg.noise), label_dropout=cfg.loss.label_dropout,
+        pixel_reduction=cfg.loss.pixel_reduction, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay, ema_rate=cfg.ema_rate,
+        max_physical_batch_size=cfg.max_physical_batch_size, secure_mode=p.secure_mode,
+        seed=cfg.seed)
+    # Enough to rebuild the denoiser from a checkpoint alone (dpdm-sample).
+    module.build_config = OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, ["net", "denoiser", "data"]), resolve=True)
+    return module, plan
+
+
+def describe_plan(plan) -> str:
+    if not plan.enabled:
+        return f"privacy: none (non-private baseline), {plan.planned_steps} steps"
+    return (f"privacy: (ε={plan.target_epsilon}, δ={plan.delta}) with {plan.accountant.upper()}; "
+            f"σ={plan.noise_multiplier:.4f}, C={plan.max_grad_norm}, q={plan.sample_rate:.5f} "
+            f"(B={plan.expected_batch_size} of N={plan.dataset_size}), K={plan.noise_multiplicity}, "
+            f"{plan.planned_steps} steps ({plan.steps_per_epoch}/epoch)")
+
+
+def run_training(cfg: DictConfig) -> dict:
+    import pytorch_lightning as pl
+    import torch
+
+    OmegaConf.resolve(cfg)  # one consistent, fully interpolated config for every component
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not _writable(out):
+        raise PermissionError(f"output directory {out} is not writable; choose another with "
+                              "hydra.run.dir=<dir>")
+    pl.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    module, plan = build_module(cfg, dm)
+    log.info(describe_plan(plan))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    t0 = time.time()
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    from dpdm.training.callbacks import privacy_report, write_json_atomic
+
+    summary = {
+        "privacy": privacy_report(module),
+        "wall_time_s": round(time.time() - t0, 1),
+        "epochs_completed": trainer.current_epoch,
+        "optimizer_steps": int(trainer.global_step),
+        "train_loss_last": _last_metric(trainer, "train/loss"),
+        "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
+        "sample_grids": sorted(str(p) for p in (out / "samples").glob("*.png")),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    eps = summary["privacy"]["epsilon"]
+    log.info("done in %.0fs: %d steps, ε=%s; run dir %s", summary["wall_time_s"],
+             summary["optimizer_steps"], "n/a" if eps is None else f"{eps:.4f}", out)
+    return summary
+
+
+def _last_metric(trainer, key):
+    v = trainer.callback_metrics.get(key)
+    return None if v is None else float(v)
+
+
+def _writable(path: Path) -> bool:
+    probe = path / ".write_probe"
+    try:
+        probe.write_text("")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    run_training(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Exponential moving average of weights, updated only on real (non-skipped) optimizer steps."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def make_ema_copy(module: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(module)
+    ema.requires_grad_(False)
+    return ema.eval()
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, rate: float) -> None:
+    """θ_ema ← rate·θ_ema + (1 − rate)·θ."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach(), 1.0 - rate)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)

@@ -1,0 +1,199 @@
+"""The LightningModule: denoiser + EMA + DP optimizer + accountant, wired for manual optimization.
+
+One training step = one logical Poisson batch (one DP-SGD step, one accountant step, one EMA update).
+The logical batch is processed in physical chunks of at most `max_physical_batch_size` examples; chunks
+before the last are "skipped" optimizer steps that only clip and accumulate (as Opacus'
+BatchMemoryManager does), so noise is added exactly once per logical batch. Manual optimization keeps
+Lightning's global_step equal to the number of real steps.
+"""
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from dpdm.diffusion.loss import denoising_loss_per_example, draw_training_noise
+from dpdm.diffusion.noise_levels import LogNormalSigma
+from dpdm.diffusion.preconditioning import Denoiser, EDMPreconditioning
+from dpdm.diffusion.samplers import edm_heun_sampler, karras_sigmas, latents_from_seeds
+from dpdm.privacy.engine import DPComponents, make_dp_components
+from dpdm.privacy.noise_multiplicity import set_empty_grad_samples
+from dpdm.training.ema import make_ema_copy, update_ema
+from dpdm.training.privacy_plan import PrivacyPlan
+
+# Any change to these between a checkpoint and a resumed run changes the mechanism being accounted.
+MECHANISM_KEYS = ("enabled", "target_epsilon", "delta", "noise_multiplier", "max_grad_norm",
+                  "sample_rate", "expected_batch_size", "accountant", "dataset_size",
+                  "noise_multiplicity", "max_steps")
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    pass
+
+
+class DPDiffusionModule(pl.LightningModule):
+    def __init__(self, *, net: nn.Module, plan: PrivacyPlan,
+                 preconditioning: EDMPreconditioning | None = None,
+                 sigma_dist: LogNormalSigma | None = None, label_dropout: float = 0.1,
+                 pixel_reduction: str = "sum", lr: float = 3e-4, betas=(0.9, 0.999),
+                 weight_decay: float = 0.0, ema_rate: float = 0.999,
+                 max_physical_batch_size: int = 256, secure_mode: bool = False, seed: int = 0):
+        super().__init__()
+        self.automatic_optimization = False
+        self.denoiser = Denoiser(net, preconditioning or EDMPreconditioning())
+        self.ema = make_ema_copy(self.denoiser)
+        self.plan = plan
+        self.sigma_dist = sigma_dist or LogNormalSigma()
+        self.K = plan.noise_multiplicity
+        self.label_dropout, self.pixel_reduction = label_dropout, pixel_reduction
+        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
+        self.ema_rate, self.max_physical = ema_rate, max_physical_batch_size
+        self.secure_mode, self.seed = secure_mode, seed
+        self.dp: DPComponents | None = None
+        self._restored: dict | None = None
+        self._diffusion_gen: torch.Generator | None = None
+        self.build_config: dict | None = None  # net/denoiser/data config, for rebuilding from a ckpt
+
+    # ---- optimizer, privacy engine ---------------------------------------------------------------
+    def configure_optimizers(self):
+        adam = torch.optim.Adam(self.denoiser.parameters(), lr=self.lr, betas=self.betas,
+                                weight_decay=self.weight_decay)
+        if not self.plan.enabled:
+            return adam
+        if self.dp is None:
+            self.dp = make_dp_components(
+                self.denoiser.net, adam, noise_multiplier=self.plan.noise_multiplier,
+                max_grad_norm=self.plan.max_grad_norm,
+                expected_batch_size=self.plan.expected_batch_size,
+                sample_rate=self.plan.sample_rate, noise_multiplicity=self.K,
+                accountant=self.plan.accountant, secure_mode=self.secure_mode,
+                noise_seed=self.seed + 1)
+        else:  # a second fit() on the same module: keep hooks/accountant, rewrap the new Adam
+            self.dp.optimizer.original_optimizer = adam
+        if self._restored is not None:
+            self.dp.accountant.load_state_dict(self._restored["accountant"])
+            if self.dp.noise_generator is not None and "noise_rng" in self._restored:
+                self.dp.noise_generator.set_state(self._restored["noise_rng"])
+        return self.dp.optimizer
+
+    @property
+    def steps_taken(self) -> int:
+        if self.dp is None:
+            return int(self.global_step)
+        # Opacus merges consecutive identical steps into (σ, q, count) entries; len() counts entries.
+        return sum(int(n) for _, _, n in self.dp.accountant.history)
+
+    def epsilon_spent(self) -> float:
+        if not self.plan.enabled:
+            return float("inf")
+        if self.steps_taken == 0:
+            return 0.0
+        return float(self.dp.accountant.get_epsilon(delta=self.plan.delta))
+
+    def on_train_start(self):
+        if self.plan.enabled and self.steps_taken >= self.plan.max_steps:
+            raise PrivacyBudgetExhausted(
+                f"The privacy budget of this run is spent: {self.steps_taken} DP-SGD steps taken, "
+                f"ε={self.epsilon_spent():.4g} of {self.plan.target_epsilon} (δ={self.plan.delta}). "
+                "Training further would exceed it; start a new run (new output dir) with a new budget.")
+
+    # ---- one DP-SGD step per logical batch ---------------------------------------------------------
+    def _diffusion_generator(self) -> torch.Generator:
+        if self._diffusion_gen is None:
+            self._diffusion_gen = torch.Generator(device=self.device).manual_seed(self.seed + 2)
+            if self._restored is not None and "diffusion_rng" in self._restored:
+                self._diffusion_gen.set_state(self._restored["diffusion_rng"])
+        return self._diffusion_gen
+
+    def _chunk_loss(self, x, y):
+        tn = draw_training_noise(x, y, noise_multiplicity=self.K, sigma_dist=self.sigma_dist,
+                                 label_dropout=self.label_dropout, null_label=self.denoiser.null_label,
+                                 generator=self._diffusion_generator())
+        return denoising_loss_per_example(self.denoiser, x, tn, pixel_reduction=self.pixel_reduction)
+
+    def training_step(self, batch, batch_idx):
+        if self.plan.enabled and self.steps_taken >= self.plan.max_steps:
+            self.trainer.should_stop = True  # budget guard: never take a step past the budget
+            return None
+        t0 = time.perf_counter()
+        x, y = batch
+        opt = self.optimizers()
+        n = x.shape[0]
+        bounds = list(range(0, n, self.max_physical)) or [0]
+        total = torch.zeros((), device=self.device)
+        for j, start in enumerate(bounds):
+            xc, yc = x[start:start + self.max_physical], y[start:start + self.max_physical]
+            if len(xc) == 0:
+                set_empty_grad_samples(self.denoiser.net)  # empty Poisson batch: noise-only step
+            else:
+                losses = self._chunk_loss(xc, yc)
+                total = total + losses.detach().sum()
+                # DP: the hooks rescale the chunk mean to exact per-example gradients.
+                # Non-private: weight chunks so the sum is the mean over the logical batch.
+                scale = 1.0 if self.plan.enabled else len(xc) / n
+                self.manual_backward(losses.mean() * scale)
+            if j < len(bounds) - 1 and self.plan.enabled:
+                self.dp.optimizer.signal_skip_step(True)
+                self.dp.optimizer.step()
+                self.dp.optimizer.zero_grad()
+        opt.step()
+        opt.zero_grad()
+        update_ema(self.ema, self.denoiser, self.ema_rate)
+        dt = time.perf_counter() - t0
+        self.log_dict({"train/loss": total / max(n, 1), "train/batch_size": float(n),
+                       "train/noised_images_per_s": n * self.K / dt},
+                      on_step=True, on_epoch=False, prog_bar=False, batch_size=max(n, 1))
+        self.log("img/s", n * self.K / dt, prog_bar=True, on_step=True, on_epoch=False,
+                 logger=False, batch_size=max(n, 1))
+        return None
+
+    def on_train_epoch_end(self):
+        eps = self.epsilon_spent()
+        self.log("privacy/epsilon", eps if self.plan.enabled else -1.0, prog_bar=self.plan.enabled)
+        self.log("privacy/steps", float(self.steps_taken))
+
+    # ---- sampling with the EMA weights -------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, *, seeds, class_labels=None, num_steps: int = 18, guidance: float = 0.0,
+               shape=None, **sampler_kwargs) -> torch.Tensor:
+        """Images in [-1, 1] from the EMA denoiser with EDM's Heun sampler, one latent per seed."""
+        self.ema.eval()
+        shape = shape or self.image_shape
+        latents = latents_from_seeds(seeds, shape, device=self.device)
+        sigmas = karras_sigmas(num_steps, device=self.device)
+        if class_labels is not None:
+            class_labels = class_labels.to(self.device)
+        x = edm_heun_sampler(self.ema, latents, sigmas, class_labels=class_labels,
+                             guidance=guidance, noise_seeds=seeds, **sampler_kwargs)
+        return x.clamp(-1, 1).float()
+
+    @property
+    def image_shape(self):
+        net = self.denoiser.net
+        return (net.in_channels, net.img_resolution, net.img_resolution)
+
+    # ---- privacy state is training state ---------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        state = {"plan": self.plan.to_dict(), "build_config": self.build_config}
+        if self.dp is not None:
+            state["accountant"] = self.dp.accountant.state_dict()
+            if self.dp.noise_generator is not None:
+                state["noise_rng"] = self.dp.noise_generator.get_state()
+        if self._diffusion_gen is not None:
+            state["diffusion_rng"] = self._diffusion_gen.get_state()
+        checkpoint["dpdm"] = state
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint.get("dpdm")
+        if state is None:
+            raise ValueError("This checkpoint has no dpdm privacy state; it was not written by dpdm-train.")
+        old, new = state["plan"], self.plan.to_dict()
+        diff = {k: (old.get(k), new.get(k)) for k in MECHANISM_KEYS if old.get(k) != new.get(k)}
+        if diff:
+            lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+            raise ValueError("Refusing to resume: the config changes the privacy mechanism of the "
+                             f"checkpointed run ({lines}). Resume with the original settings or start a "
+                             "new run.")
+        self._restored = state

@@ -1,0 +1,66 @@
+"""The DP-SGD mechanism a run will execute, fixed before training: q, σ, C, steps.
+
+Planned steps = epochs × ⌊1/q⌋, the number of batches Opacus' Poisson loader yields per epoch; σ is
+calibrated for exactly those steps. `max_steps` is the budget guard: the largest step count whose ε
+stays within the target. Resuming recomputes the plan and must find the same mechanism.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from dpdm.privacy.accounting import calibrate_noise_multiplier, max_steps_within_budget
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    enabled: bool
+    target_epsilon: float
+    delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    expected_batch_size: int
+    steps_per_epoch: int
+    planned_steps: int
+    max_steps: int
+    noise_multiplicity: int
+    accountant: str
+    dataset_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    return int(1 / sample_rate)
+
+
+def make_privacy_plan(*, enabled: bool, epsilon: float, delta: float, max_grad_norm: float,
+                      accountant: str, noise_multiplier: float | None, batch_size: int,
+                      dataset_size: int, epochs: int, noise_multiplicity: int) -> PrivacyPlan:
+    if batch_size < 1 or batch_size > dataset_size:
+        raise ValueError(f"data.batch_size={batch_size} must be between 1 and the dataset size "
+                         f"({dataset_size}): Poisson sampling needs a rate q = B/N in (0, 1].")
+    if noise_multiplicity < 1:
+        raise ValueError(f"loss.noise_multiplicity must be >= 1, got {noise_multiplicity}")
+    if epochs < 1:
+        raise ValueError(f"trainer.max_epochs must be >= 1 for a planned DP run, got {epochs}")
+    q = batch_size / dataset_size
+    spe = steps_per_epoch(q)
+    planned = epochs * spe
+    if not enabled:
+        return PrivacyPlan(False, float("inf"), 0.0, 0.0, 0.0, q, batch_size, spe, planned, planned,
+                           noise_multiplicity, "none", dataset_size)
+    if epsilon <= 0:
+        raise ValueError(f"privacy.epsilon must be > 0, got {epsilon}")
+    if not 0 < delta < 1.0 / dataset_size:
+        raise ValueError(f"privacy.delta={delta} must be in (0, 1/N) = (0, {1.0 / dataset_size:.3g}): "
+                         "a δ of 1/N or more allows releasing an example outright.")
+    if max_grad_norm <= 0:
+        raise ValueError(f"privacy.max_grad_norm must be > 0, got {max_grad_norm}")
+    sigma = noise_multiplier or calibrate_noise_multiplier(
+        target_epsilon=epsilon, delta=delta, sample_rate=q, steps=planned, accountant=accountant)
+    max_steps = max_steps_within_budget(target_epsilon=epsilon, delta=delta, noise_multiplier=sigma,
+                                        sample_rate=q, accountant=accountant, upper=planned)
+    return PrivacyPlan(True, float(epsilon), float(delta), float(sigma), float(max_grad_norm), q,
+                       batch_size, spe, planned, max_steps, noise_multiplicity, accountant, dataset_size)
