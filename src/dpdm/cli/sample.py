@@ -1,4 +1,8 @@
-"""dpdm-sample: draw class-conditional samples from a checkpoint's EMA denoiser."""
+"""dpdm-sample: draw samples from a checkpoint's EMA denoiser with any sampler.
+
+    dpdm-sample ckpt=<run>/checkpoints/last.ckpt out=<dir> n=1000 sampler=stochastic_ddim \
+        sampler.num_steps=1000 sampler.guidance=1.0 classes=balanced   # or classes=3, classes=null
+"""
 from __future__ import annotations
 
 import logging
@@ -17,8 +21,12 @@ log = logging.getLogger("dpdm.sample")
 
 
 def class_labels_for(classes, n: int, num_classes: int) -> torch.Tensor | None:
-    if num_classes == 0 or classes is None:
+    """Labels for n samples: `balanced` cycles through the classes, an int fixes one, None: no labels."""
+    if classes is None or (num_classes == 0 and classes == "balanced"):
         return None
+    if num_classes == 0:
+        raise ValueError(f"classes={classes} asks for a class, but the model is unconditional; "
+                         "use classes=null")
     if classes == "balanced":
         return torch.arange(n) % num_classes
     c = int(classes)
@@ -29,19 +37,19 @@ def class_labels_for(classes, n: int, num_classes: int) -> torch.Tensor | None:
 
 def draw_samples(denoiser, *, n: int, labels, seed: int, sampler_cfg, batch_size: int,
                  image_shape, device) -> torch.Tensor:
-    from dpdm.diffusion.samplers import edm_heun_sampler, karras_sigmas, latents_from_seeds
+    """n uint8 samples; sample i uses seed + i for its latent and its sampling noise."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from dpdm.diffusion.samplers import latents_from_seeds, run_sampler
     from dpdm.utils.images import to_uint8
 
-    sigmas = karras_sigmas(int(sampler_cfg.num_steps), device=device)
-    kw = dict(guidance=float(sampler_cfg.guidance), S_churn=float(sampler_cfg.S_churn),
-              S_min=float(sampler_cfg.S_min), S_max=float(sampler_cfg.S_max),
-              S_noise=float(sampler_cfg.S_noise))
+    spec = OmegaConf.to_container(sampler_cfg) if isinstance(sampler_cfg, DictConfig) else dict(sampler_cfg)
     out = []
     for start in range(0, n, batch_size):
         seeds = list(range(seed + start, seed + min(n, start + batch_size)))
         lab = None if labels is None else labels[start:start + len(seeds)].to(device)
-        x = edm_heun_sampler(denoiser, latents_from_seeds(seeds, image_shape, device=device),
-                             sigmas, class_labels=lab, noise_seeds=seeds, **kw)
+        x = run_sampler(denoiser, latents_from_seeds(seeds, image_shape, device=device),
+                        class_labels=lab, noise_seeds=seeds, **spec)
         out.append(to_uint8(x))
         log.info("sampled %d / %d", start + len(seeds), n)
     return torch.cat(out)

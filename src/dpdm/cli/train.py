@@ -16,6 +16,15 @@ from dpdm.cli.errors import exit_on_user_error
 log = logging.getLogger("dpdm.train")
 
 
+def build_diffusion(cfg: DictConfig):
+    """The denoiser's preconditioning and the training noise levels, refused if they do not fit."""
+    from dpdm.diffusion.noise_levels import check_compatible
+
+    preconditioning, sigma_dist = instantiate(cfg.denoiser), instantiate(cfg.noise)
+    check_compatible(preconditioning, sigma_dist)
+    return preconditioning, sigma_dist
+
+
 def build_module(cfg: DictConfig, dm):
     from dpdm.training.module import DPDiffusionModule
     from dpdm.training.privacy_plan import make_privacy_plan
@@ -26,13 +35,15 @@ def build_module(cfg: DictConfig, dm):
         accountant=p.accountant, noise_multiplier=p.noise_multiplier,
         batch_size=cfg.data.batch_size, dataset_size=dm.num_train,
         epochs=cfg.trainer.max_epochs, noise_multiplicity=cfg.loss.noise_multiplicity)
+    preconditioning, sigma_dist = build_diffusion(cfg)
     module = DPDiffusionModule(
-        net=instantiate(cfg.net), plan=plan, preconditioning=instantiate(cfg.denoiser),
-        sigma_dist=instantiate(cfg.noise), label_dropout=cfg.loss.label_dropout,
+        net=instantiate(cfg.net), plan=plan, preconditioning=preconditioning,
+        sigma_dist=sigma_dist, label_dropout=cfg.loss.label_dropout,
         pixel_reduction=cfg.loss.pixel_reduction, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay, ema_rate=cfg.ema_rate,
+        weight_decay=cfg.optim.weight_decay, ema_rate=cfg.ema.rate,
+        ema_warmup=cfg.ema.warmup,
         max_physical_batch_size=cfg.max_physical_batch_size, secure_mode=p.secure_mode,
-        seed=cfg.seed)
+        seed=cfg.seed, noise_seed=p.get("noise_seed"))
     # Enough to rebuild the denoiser from a checkpoint alone (dpdm-sample).
     module.build_config = OmegaConf.to_container(
         OmegaConf.masked_copy(cfg, ["net", "denoiser", "data"]), resolve=True)

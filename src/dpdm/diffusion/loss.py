@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpdm.diffusion.noise_levels import LogNormalSigma
+from dpdm.diffusion.noise_levels import SigmaDistribution
 from dpdm.diffusion.preconditioning import Denoiser
 
 
@@ -28,7 +28,7 @@ class TrainingNoise:
 
 
 def draw_training_noise(x: Tensor, y: Tensor | None, *, noise_multiplicity: int,
-                        sigma_dist: LogNormalSigma, label_dropout: float,
+                        sigma_dist: SigmaDistribution, label_dropout: float,
                         null_label: int | None, generator: torch.Generator | None = None
                         ) -> TrainingNoise:
     B, K = x.shape[0], noise_multiplicity

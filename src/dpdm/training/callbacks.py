@@ -62,14 +62,17 @@ class SampleGrid(pl.Callback):
     """A class-conditional sample grid from the EMA weights every `every_n_epochs` epochs.
 
     Row r holds class r (for conditional models); the seeds are fixed, so grids are comparable
-    across epochs and runs.
+    across epochs and runs. `sampler` is the run's `sampler=` config; `num_steps` and `guidance`,
+    when set, override it (a cheap grid during training).
     """
 
     def __init__(self, output_dir: str, every_n_epochs: int = 1, per_class: int = 10,
-                 num_steps: int = 18, guidance: float = 0.0):
+                 num_steps: int | None = 18, guidance: float | None = None, sampler=None):
         self.dir = Path(output_dir) / "samples"
         self.every, self.per_class = every_n_epochs, per_class
-        self.num_steps, self.guidance = num_steps, guidance
+        self.sampler = _plain_dict(sampler)
+        overrides = {"num_steps": num_steps, "guidance": guidance}
+        self.sampler.update({k: v for k, v in overrides.items() if v is not None})
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = trainer.current_epoch
@@ -79,11 +82,19 @@ class SampleGrid(pl.Callback):
         rows = num_classes if num_classes > 0 else self.per_class
         n = rows * self.per_class
         labels = (torch.arange(n) // self.per_class) if num_classes > 0 else None
-        x = pl_module.sample(seeds=range(n), class_labels=labels, num_steps=self.num_steps,
-                             guidance=self.guidance)
+        x = pl_module.sample(seeds=range(n), class_labels=labels, sampler=self.sampler)
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"epoch_{epoch:04d}.png"
         save_image_grid(to_uint8(x), path, nrow=self.per_class)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
+
+
+def _plain_dict(cfg) -> dict:
+    """A sampler config (DictConfig from Hydra, a dict, or None) as a plain dict."""
+    if cfg is None:
+        return {}
+    from omegaconf import DictConfig, OmegaConf
+
+    return dict(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else dict(cfg)

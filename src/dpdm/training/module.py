@@ -17,10 +17,10 @@ from torch import nn
 from dpdm.diffusion.loss import denoising_loss_per_example, draw_training_noise
 from dpdm.diffusion.noise_levels import LogNormalSigma
 from dpdm.diffusion.preconditioning import Denoiser, EDMPreconditioning
-from dpdm.diffusion.samplers import edm_heun_sampler, karras_sigmas, latents_from_seeds
+from dpdm.diffusion.samplers import latents_from_seeds, run_sampler
 from dpdm.privacy.engine import DPComponents, make_dp_components
 from dpdm.privacy.noise_multiplicity import set_empty_grad_samples
-from dpdm.training.ema import make_ema_copy, update_ema
+from dpdm.training.ema import ema_rate_at, make_ema_copy, update_ema
 from dpdm.training.privacy_plan import PrivacyPlan
 
 # Any change to these between a checkpoint and a resumed run changes the mechanism being accounted.
@@ -38,8 +38,9 @@ class DPDiffusionModule(pl.LightningModule):
                  preconditioning: EDMPreconditioning | None = None,
                  sigma_dist: LogNormalSigma | None = None, label_dropout: float = 0.1,
                  pixel_reduction: str = "sum", lr: float = 3e-4, betas=(0.9, 0.999),
-                 weight_decay: float = 0.0, ema_rate: float = 0.999,
-                 max_physical_batch_size: int = 256, secure_mode: bool = False, seed: int = 0):
+                 weight_decay: float = 0.0, ema_rate: float = 0.999, ema_warmup: bool = False,
+                 max_physical_batch_size: int = 256, secure_mode: bool = False, seed: int = 0,
+                 noise_seed: int | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.denoiser = Denoiser(net, preconditioning or EDMPreconditioning())
@@ -49,8 +50,9 @@ class DPDiffusionModule(pl.LightningModule):
         self.K = plan.noise_multiplicity
         self.label_dropout, self.pixel_reduction = label_dropout, pixel_reduction
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
-        self.ema_rate, self.max_physical = ema_rate, max_physical_batch_size
-        self.secure_mode, self.seed = secure_mode, seed
+        self.ema_rate, self.ema_warmup = ema_rate, ema_warmup
+        self.max_physical = max_physical_batch_size
+        self.secure_mode, self.seed, self.noise_seed = secure_mode, seed, noise_seed
         self.dp: DPComponents | None = None
         self._restored: dict | None = None
         self._diffusion_gen: torch.Generator | None = None
@@ -69,12 +71,12 @@ class DPDiffusionModule(pl.LightningModule):
                 expected_batch_size=self.plan.expected_batch_size,
                 sample_rate=self.plan.sample_rate, noise_multiplicity=self.K,
                 accountant=self.plan.accountant, secure_mode=self.secure_mode,
-                noise_seed=self.seed + 1)
+                noise_seed=self.noise_seed)
         else:  # a second fit() on the same module: keep hooks/accountant, rewrap the new Adam
             self.dp.optimizer.original_optimizer = adam
         if self._restored is not None:
             self.dp.accountant.load_state_dict(self._restored["accountant"])
-            if self.dp.noise_generator is not None and "noise_rng" in self._restored:
+            if "noise_rng" in self._restored:
                 self.dp.noise_generator.set_state(self._restored["noise_rng"])
         return self.dp.optimizer
 
@@ -140,7 +142,9 @@ class DPDiffusionModule(pl.LightningModule):
                 self.dp.optimizer.zero_grad()
         opt.step()
         opt.zero_grad()
-        update_ema(self.ema, self.denoiser, self.ema_rate)
+        # After the step: steps_taken already counts it, so the rate uses the index of this step.
+        update_ema(self.ema, self.denoiser,
+                   ema_rate_at(self.steps_taken - 1, self.ema_rate, self.ema_warmup))
         dt = time.perf_counter() - t0
         self.log_dict({"train/loss": total / max(n, 1), "train/batch_size": float(n),
                        "train/noised_images_per_s": n * self.K / dt},
@@ -156,17 +160,20 @@ class DPDiffusionModule(pl.LightningModule):
 
     # ---- sampling with the EMA weights -------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, *, seeds, class_labels=None, num_steps: int = 18, guidance: float = 0.0,
-               shape=None, **sampler_kwargs) -> torch.Tensor:
-        """Images in [-1, 1] from the EMA denoiser with EDM's Heun sampler, one latent per seed."""
+    def sample(self, *, seeds, class_labels=None, sampler=None, shape=None,
+               **overrides) -> torch.Tensor:
+        """Images in [-1, 1] from the EMA denoiser, one latent per seed.
+
+        `sampler` is a `sampler=` config (name, num_steps, guidance, options; default: EDM Heun, 18 steps);
+        keyword `overrides` (e.g. num_steps=, guidance=) replace its entries.
+        """
         self.ema.eval()
+        spec = {"name": "edm_heun", "num_steps": 18, **dict(sampler or {}), **overrides}
         shape = shape or self.image_shape
         latents = latents_from_seeds(seeds, shape, device=self.device)
-        sigmas = karras_sigmas(num_steps, device=self.device)
         if class_labels is not None:
             class_labels = class_labels.to(self.device)
-        x = edm_heun_sampler(self.ema, latents, sigmas, class_labels=class_labels,
-                             guidance=guidance, noise_seeds=seeds, **sampler_kwargs)
+        x = run_sampler(self.ema, latents, class_labels=class_labels, noise_seeds=seeds, **spec)
         return x.clamp(-1, 1).float()
 
     @property
@@ -179,8 +186,7 @@ class DPDiffusionModule(pl.LightningModule):
         state = {"plan": self.plan.to_dict(), "build_config": self.build_config}
         if self.dp is not None:
             state["accountant"] = self.dp.accountant.state_dict()
-            if self.dp.noise_generator is not None:
-                state["noise_rng"] = self.dp.noise_generator.get_state()
+            state["noise_rng"] = self.dp.noise_generator.get_state()
         if self._diffusion_gen is not None:
             state["diffusion_rng"] = self._diffusion_gen.get_state()
         checkpoint["dpdm"] = state
