@@ -61,7 +61,7 @@ def test_update_is_mean_of_clipped_per_example_gradients(max_physical):
     reference_den = copy.deepcopy(den)
     module = RecordingModule(net=den.net, plan=_plan(0.0), preconditioning=den.precond,
                              label_dropout=0.3, ema_rate=0.9, max_physical_batch_size=max_physical,
-                             seed=SEED)
+                             seed=SEED, noise_seed=1)
     got = _one_step(module, x, y)
 
     # Same diffusion noise as the module: its generator, seeded seed + 2, consumed chunk by chunk.
@@ -97,3 +97,20 @@ def test_each_clipped_per_example_gradient_has_norm_at_most_C():
         norm = torch.sqrt(sum(g.square().sum() for g in got)).item() * E
         assert norm <= C * (1 + 1e-9)
         assert norm > 0.5 * C  # it was clipped down to C, not zeroed
+
+
+def test_training_stops_at_the_last_step_within_budget():
+    den = tiny_denoiser(num_classes=3)
+    plan = _plan(0.5)
+    plan = type(plan)(**{**plan.to_dict(), "max_steps": 2, "planned_steps": 5})
+    module = RecordingModule(net=den.net, plan=plan, preconditioning=den.precond,
+                             max_physical_batch_size=8)
+    module.recorded = []
+    x = torch.rand((10, 1, 8, 8), dtype=torch.float64)
+    y = torch.zeros(10, dtype=torch.long)
+    trainer = pl.Trainer(max_epochs=1, precision="64-true", accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=2))
+    assert module.steps_taken == 2 == len(module.recorded)
+    assert module.epsilon_spent() > 0

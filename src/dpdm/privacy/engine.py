@@ -7,6 +7,7 @@ optimizer's step hook, called only on real, non-skipped steps).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ class DPComponents:
     hooks: NoiseMultiplicityGradSampleHooks
     optimizer: DPOptimizer
     accountant: IAccountant
-    noise_generator: torch.Generator | None
+    noise_generator: torch.Generator
 
 
 def validate_for_dp(module: nn.Module) -> None:
@@ -42,12 +43,12 @@ def make_dp_components(module: nn.Module, optimizer: torch.optim.Optimizer, *,
                        secure_mode: bool = False, noise_seed: int | None = None) -> DPComponents:
     validate_for_dp(module)
     hooks = NoiseMultiplicityGradSampleHooks(module, noise_multiplicity=noise_multiplicity)
-    # secure_mode: Opacus draws each noise coordinate as a sum of several Gaussians against
-    # floating-point attacks; the generator is then the OS-seeded default rather than a fixed seed.
-    gen = None
-    if not secure_mode:
-        gen = torch.Generator(device=next(module.parameters()).device)
-        gen.manual_seed(noise_seed if noise_seed is not None else torch.seed())
+    # The noise must be unpredictable to the adversary: by default its generator is seeded from OS
+    # entropy. A fixed noise_seed makes runs reproducible but voids the guarantee against anyone who
+    # knows the seed. secure_mode additionally makes Opacus draw each coordinate as a sum of Gaussians,
+    # against floating-point attacks on the Gaussian sampler.
+    gen = torch.Generator(device=next(module.parameters()).device)
+    gen.manual_seed(noise_seed if noise_seed is not None else int.from_bytes(os.urandom(8), "little"))
     dp_opt = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction="mean",
                          generator=gen, secure_mode=secure_mode)

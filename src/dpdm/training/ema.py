@@ -13,6 +13,11 @@ def make_ema_copy(module: nn.Module) -> nn.Module:
     return ema.eval()
 
 
+def ema_rate_at(step: int, rate: float, warmup: bool) -> float:
+    """With warmup, β_t = min(β, (1 + t)/(10 + t)): short runs are not dominated by the initial weights."""
+    return min(rate, (1 + step) / (10 + step)) if warmup else rate
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, rate: float) -> None:
     """θ_ema ← rate·θ_ema + (1 − rate)·θ."""

@@ -1,0 +1,110 @@
+"""End to end through the real console scripts: dpdm-train (shrunk smoke preset) → dpdm-sample.
+
+Checks the run directory's files and that privacy.json's ε is what the accountant gives for the
+mechanism (σ, q) and the number of steps that actually ran.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpdm.privacy.accounting import epsilon_spent
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHRINK = ["experiment=smoke", "data.subset_size=400", "data.batch_size=100", "trainer.max_epochs=2",
+          "max_physical_batch_size=64", "callbacks.sample_grid.per_class=2",
+          "callbacks.sample_grid.num_steps=3"]
+
+
+def _run(args, cwd=REPO):
+    env = dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(REPO / "data"))
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smoke")
+    proc = _run([str(BIN / "dpdm-train"), *SHRINK, f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_run_dir_has_config_checkpoint_privacy_grids_summary(smoke_run):
+    for rel in ["config.yaml", "checkpoints/last.ckpt", "privacy.json", "summary.json",
+                "samples/epoch_0000.png", "samples/epoch_0001.png", "csv/metrics.csv"]:
+        assert (smoke_run / rel).is_file(), rel
+
+
+def test_privacy_json_matches_accountant_for_steps_taken(smoke_run):
+    p = json.loads((smoke_run / "privacy.json").read_text())
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert p["steps"] == summary["optimizer_steps"] == 2 * int(1 / p["sample_rate"])
+    assert p["sample_rate"] == pytest.approx(100 / 400)
+    expected = epsilon_spent(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"],
+                             steps=p["steps"], delta=p["delta"], accountant=p["accountant"])
+    assert p["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert p["epsilon"] <= p["target_epsilon"]
+    assert p["accountant"] == "rdp" and p["noise_multiplicity"] == 2
+    ckpt = torch.load(smoke_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    steps_in_ckpt = sum(n for _, _, n in ckpt["dpdm"]["accountant"]["history"])
+    assert steps_in_ckpt == p["steps"]
+
+
+def test_sample_cli_writes_npz_and_grid(smoke_run):
+    out = smoke_run / "final"
+    proc = _run([str(BIN / "dpdm-sample"), f"ckpt={smoke_run / 'checkpoints/last.ckpt'}", "n=20",
+                 f"out={out}", "sampler.num_steps=3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = np.load(out / "samples.npz")
+    assert data["x"].dtype == np.uint8 and data["x"].shape == (20, 1, 28, 28)
+    assert data["y"].dtype == np.int64 and sorted(set(data["y"].tolist())) == list(range(10))
+    assert data["x"].std() > 0
+    assert (out / "grid.png").is_file()
+    # A second run refuses to overwrite the earlier result.
+    again = _run([str(BIN / "dpdm-sample"), f"ckpt={smoke_run / 'checkpoints/last.ckpt'}", "n=5",
+                  f"out={out}"])
+    assert again.returncode != 0 and "exists" in again.stderr
+    assert np.load(out / "samples.npz")["x"].shape[0] == 20
+
+
+def test_resuming_a_spent_budget_is_refused(smoke_run, tmp_path):
+    ckpt = smoke_run / "checkpoints/last.ckpt"
+    before = ckpt.read_bytes()
+    proc = _run([str(BIN / "dpdm-train"), *SHRINK, "trainer.max_epochs=3", f"ckpt_path={ckpt}",
+                 f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode != 0
+    assert "privacy mechanism" in proc.stderr or "budget" in proc.stderr, proc.stderr[-2000:]
+    assert ckpt.read_bytes() == before
+
+
+def test_corrupted_checkpoint_gives_one_clear_message(smoke_run, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes((smoke_run / "checkpoints/last.ckpt").read_bytes()[:1000])
+    proc = _run([str(BIN / "dpdm-sample"), f"ckpt={bad}", "n=2", f"out={tmp_path / 'o'}"])
+    assert proc.returncode == 2
+    assert "corrupted or truncated" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+    env_dir = tmp_path / "empty"
+    env = dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(env_dir))
+    proc = subprocess.run([str(BIN / "dpdm-train"), *SHRINK, f"hydra.run.dir={tmp_path / 'r'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "dpdm-data" in proc.stderr or "make data" in proc.stderr
+
+
+def test_non_private_baseline_runs(tmp_path):
+    proc = _run([str(BIN / "dpdm-train"), *SHRINK, "privacy=none", "trainer.max_epochs=1",
+                 f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    p = json.loads((tmp_path / "privacy.json").read_text())
+    assert p["enabled"] is False and p["epsilon"] is None
+    assert p["steps"] == int(1 / p["sample_rate"])
