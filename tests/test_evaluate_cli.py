@@ -136,10 +136,10 @@ def test_evaluate_a_checkpoint_draws_and_keeps_its_samples(checkpoint, work, mon
 
 
 def test_missing_input_is_a_user_error(work):
-    from dpdm.cli.errors import USER_ERRORS
+    from dpdm.cli.errors import _user_errors
     from dpdm.cli.evaluate import run_evaluation
 
-    with pytest.raises(USER_ERRORS, match="does not exist"):
+    with pytest.raises(_user_errors(), match="does not exist"):
         run_evaluation(_compose("evaluate", [f"input={work / 'nope.npz'}"]))
 
 
