@@ -309,7 +309,7 @@ def test_datamodule_properties_and_eval_loader(dm_data_dir):
 
 
 def test_poisson_batches_vary_with_mean_qn(dm_data_dir):
-    dm = ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=20, seed=3)
+    dm = ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=20, seed=3, sampler_seed=3)
     loader = dm.train_dataloader()
     assert len(loader) == 10  # opacus: 1/q steps per epoch
     sizes = []
@@ -332,7 +332,7 @@ def test_poisson_batches_vary_with_mean_qn(dm_data_dir):
 
 def test_poisson_empty_batches_are_zero_length_tensors(tmp_path):
     write_cache(tmp_path / "mnist", tiny_splits(50, 5))
-    dm = ImageDataModule("mnist", data_dir=str(tmp_path), batch_size=1, seed=0)  # q = 0.02
+    dm = ImageDataModule("mnist", data_dir=str(tmp_path), batch_size=1, seed=0, sampler_seed=0)  # q = 0.02
     batches = list(dm.train_dataloader())
     empties = [b for b in batches if b[1].shape[0] == 0]
     assert len(batches) == 50 and len(empties) > 5  # P(empty) = 0.98**50 = 0.36
@@ -349,14 +349,14 @@ def test_sampler_state_round_trips_through_a_checkpoint(dm_data_dir):
         it = iter(dm.train_dataloader())
         return [ids_of(next(it)[0]) for _ in range(n)]
 
-    dm = ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=20, seed=7)
+    dm = ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=20, seed=7, sampler_seed=7)
     next_batches(dm, 3)  # advance the stream
     buffer = io.BytesIO()
     torch.save({"datamodule": dm.state_dict()}, buffer)
     expected = next_batches(dm, 5)
 
-    resumed = ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=20, seed=7)
-    fresh = next_batches(ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=20, seed=7), 5)
+    resumed = ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=20, seed=7, sampler_seed=7)
+    fresh = next_batches(ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=20, seed=7, sampler_seed=7), 5)
     assert fresh != expected  # otherwise the restore below would prove nothing
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer, weights_only=True)["datamodule"])
@@ -387,7 +387,7 @@ def test_lightning_checkpoint_resumes_the_sampling_stream(dm_data_dir, tmp_path)
                           default_root_dir=str(tmp_path))
 
     def dm(seed):
-        return ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=20, seed=seed)
+        return ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=20, seed=seed, sampler_seed=seed)
 
     first = trainer(1)
     first.fit(Recorder(), datamodule=dm(5))
@@ -402,7 +402,7 @@ def test_lightning_checkpoint_resumes_the_sampling_stream(dm_data_dir, tmp_path)
 
 
 def test_shuffled_loader_covers_each_example_once(dm_data_dir):
-    dm = ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=30, poisson_sampling=False, seed=1)
+    dm = ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=30, poisson_sampling=False, seed=1, sampler_seed=1)
     batches = list(dm.train_dataloader())
     assert [len(b[1]) for b in batches] == [30] * 6 + [20]
     ids = [i for b in batches for i in ids_of(b[0])]

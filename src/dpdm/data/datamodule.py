@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,6 +69,7 @@ class ImageDataModule(pl.LightningDataModule):
         eval_batch_size: int = 1000,
         subset_size: int | None = None,
         seed: int = 0,
+        sampler_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -89,7 +92,12 @@ class ImageDataModule(pl.LightningDataModule):
         # Created once here, never in setup(): Lightning restores it through
         # load_state_dict() after setup() when resuming, and setup() may run
         # once per stage.
-        self.sampler_generator = torch.Generator().manual_seed(seed)
+        # Privacy amplification by subsampling assumes the adversary cannot know which examples are in
+        # which batch: the Poisson sampler is seeded from OS entropy unless sampler_seed is given (for
+        # reproducible runs, which void the guarantee against whoever knows that seed).
+        if sampler_seed is None:
+            sampler_seed = int.from_bytes(os.urandom(8), "little")
+        self.sampler_generator = torch.Generator().manual_seed(int(sampler_seed))
         self.train_set: UInt8ImageDataset | None = None
         self.test_set: UInt8ImageDataset | None = None
 

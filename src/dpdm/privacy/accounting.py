@@ -64,3 +64,14 @@ def max_steps_within_budget(*, target_epsilon: float, delta: float, noise_multip
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if eps(mid) <= target_epsilon else (lo, mid)
     return lo
+
+
+def epsilon_from_history(history, *, delta: float, accountant: str = "rdp") -> float:
+    """ε of an accountant history: a list of (σ, q, steps) entries, as Opacus' accountants store it
+    (and as dpdm checkpoints keep it under ``["dpdm"]["accountant"]["history"]``)."""
+    entries = [(float(s), float(q), int(n)) for s, q, n in history]
+    if sum(n for _, _, n in entries) == 0:
+        return 0.0
+    acc = create_accountant(mechanism=_check_accountant(accountant))
+    acc.history = entries
+    return float(acc.get_epsilon(delta=delta))

@@ -58,7 +58,10 @@ def make_privacy_plan(*, enabled: bool, epsilon: float, delta: float, max_grad_n
                          "a δ of 1/N or more allows releasing an example outright.")
     if max_grad_norm <= 0:
         raise ValueError(f"privacy.max_grad_norm must be > 0, got {max_grad_norm}")
-    sigma = noise_multiplier or calibrate_noise_multiplier(
+    if noise_multiplier is not None and noise_multiplier <= 0:
+        raise ValueError(f"privacy.noise_multiplier={noise_multiplier} gives no privacy; leave it null to "
+                         "calibrate σ from ε, or use privacy=none for a non-private run")
+    sigma = noise_multiplier if noise_multiplier is not None else calibrate_noise_multiplier(
         target_epsilon=epsilon, delta=delta, sample_rate=q, steps=planned, accountant=accountant)
     max_steps = max_steps_within_budget(target_epsilon=epsilon, delta=delta, noise_multiplier=sigma,
                                         sample_rate=q, accountant=accountant, upper=planned)
