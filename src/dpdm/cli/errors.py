@@ -10,8 +10,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from dpdm.data.acquire import DatasetCorruptError, DatasetMissingError
     from dpdm.training.module import PrivacyBudgetExhausted
 
-    return (ValueError, FileNotFoundError, FileExistsError, PermissionError, DatasetMissingError,
-            DatasetCorruptError, PrivacyBudgetExhausted)
+    return (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+            DatasetMissingError, DatasetCorruptError, PrivacyBudgetExhausted)
+
+
+def _user_error_of(e: BaseException) -> BaseException | None:
+    """The user error behind `e`: itself, or the cause Hydra wrapped in "Error in call to target"."""
+    from hydra.errors import InstantiationException
+
+    errors = _user_errors()
+    if isinstance(e, errors):
+        return e
+    if isinstance(e, InstantiationException) and isinstance(e.__cause__, errors):
+        return e.__cause__
+    return None
 
 
 def exit_on_user_error(fn):
@@ -20,9 +32,10 @@ def exit_on_user_error(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            if not isinstance(e, _user_errors()):
+            err = _user_error_of(e)
+            if err is None:
                 raise
-            print(f"\nerror: {e}", file=sys.stderr)
+            print(f"\nerror: {err}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

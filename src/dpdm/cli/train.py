@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -69,12 +71,15 @@ def run_training(cfg: DictConfig) -> dict:
     if not _writable(out):
         raise PermissionError(f"output directory {out} is not writable; choose another with "
                               "hydra.run.dir=<dir>")
+    check_run_dir(out, cfg.ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     dm = instantiate(cfg.data)
     dm.setup("fit")
     module, plan = build_module(cfg, dm)
     log.info(describe_plan(plan))
+    if cfg.ckpt_path is not None:  # refuse before anything in the run dir is (over)written
+        check_resume(cfg.ckpt_path, plan)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -99,6 +104,45 @@ def run_training(cfg: DictConfig) -> dict:
     return summary
 
 
+# What a finished (or checkpointed) run leaves behind; a new run must not overwrite it.
+RESULT_FILES = ("privacy.json", "summary.json", "checkpoints/last.ckpt")
+
+
+def check_run_dir(out: Path, ckpt_path) -> None:
+    """Refuse a run dir holding an earlier run's results, unless this run continues that run."""
+    existing = [r for r in RESULT_FILES if (out / r).exists()]
+    if not existing:
+        return
+    if ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(out.resolve()):
+        return  # resuming into its own run dir: the run continues there
+    raise FileExistsError(
+        f"output directory {out} already holds an earlier run's results ({', '.join(existing)}); "
+        "refusing to overwrite them. Choose a new hydra.run.dir, or continue that run with "
+        f"ckpt_path={out}/checkpoints/last.ckpt hydra.run.dir={out}.")
+
+
+def check_resume(ckpt_path, plan) -> None:
+    """Before fit: the checkpoint is readable, has the same mechanism, and has budget/steps left."""
+    from dpdm.privacy.accounting import epsilon_spent
+    from dpdm.training.checkpoint import load_checkpoint
+    from dpdm.training.module import budget_exhausted, check_same_mechanism
+
+    ckpt = load_checkpoint(ckpt_path)
+    state = ckpt["dpdm"]
+    check_same_mechanism(state["plan"], plan.to_dict())
+    if plan.enabled:
+        steps = sum(int(n) for _, _, n in (state.get("accountant") or {}).get("history", []))
+        if steps >= plan.max_steps:
+            eps = epsilon_spent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                                steps=steps, delta=plan.delta, accountant=plan.accountant)
+            raise budget_exhausted(plan, steps, eps)
+    else:
+        steps = int(ckpt.get("global_step", 0))
+    if steps >= plan.planned_steps:
+        raise ValueError(f"the run in {ckpt_path} already finished its {plan.planned_steps} planned "
+                         "steps; nothing to resume. Start a new run (new hydra.run.dir) to train more.")
+
+
 def _last_metric(trainer, key):
     v = trainer.callback_metrics.get(key)
     return None if v is None else float(v)
@@ -116,8 +160,28 @@ def _writable(path: Path) -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exit_on_user_error
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     run_training(cfg)
+
+
+@exit_on_user_error
+def check_run_dir_arg(argv: list[str]) -> None:
+    """Hydra creates hydra.run.dir before calling the main; catch an unusable one with one message."""
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            path = Path(arg.split("=", 1)[1]).expanduser().absolute()
+            probe = path
+            while not probe.exists() and probe != probe.parent:
+                probe = probe.parent
+            if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+                raise PermissionError(f"output directory {path} cannot be created or written "
+                                      f"({probe} is not a writable directory); choose another with "
+                                      "hydra.run.dir=<dir>")
+
+
+def main() -> None:
+    check_run_dir_arg(sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,23 @@ class PrivacyBudgetExhausted(RuntimeError):
     pass
 
 
+def check_same_mechanism(old: dict, new: dict) -> None:
+    """Refuse to resume a checkpoint (plan `old`) under a config whose plan `new` changes the mechanism."""
+    diff = {k: (old.get(k), new.get(k)) for k in MECHANISM_KEYS if old.get(k) != new.get(k)}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise ValueError("Refusing to resume: the config changes the privacy mechanism of the "
+                         f"checkpointed run ({lines}). Resume with the original settings or start a "
+                         "new run.")
+
+
+def budget_exhausted(plan: PrivacyPlan, steps: int, epsilon: float) -> PrivacyBudgetExhausted:
+    return PrivacyBudgetExhausted(
+        f"The privacy budget of this run is spent: {steps} DP-SGD steps taken, "
+        f"ε={epsilon:.4g} of {plan.target_epsilon} (δ={plan.delta}). "
+        "Training further would exceed it; start a new run (new output dir) with a new budget.")
+
+
 class DPDiffusionModule(pl.LightningModule):
     def __init__(self, *, net: nn.Module, plan: PrivacyPlan,
                  preconditioning: EDMPreconditioning | None = None,
@@ -96,10 +113,7 @@ class DPDiffusionModule(pl.LightningModule):
 
     def on_train_start(self):
         if self.plan.enabled and self.steps_taken >= self.plan.max_steps:
-            raise PrivacyBudgetExhausted(
-                f"The privacy budget of this run is spent: {self.steps_taken} DP-SGD steps taken, "
-                f"ε={self.epsilon_spent():.4g} of {self.plan.target_epsilon} (δ={self.plan.delta}). "
-                "Training further would exceed it; start a new run (new output dir) with a new budget.")
+            raise budget_exhausted(self.plan, self.steps_taken, self.epsilon_spent())
 
     # ---- one DP-SGD step per logical batch ---------------------------------------------------------
     def _diffusion_generator(self) -> torch.Generator:
@@ -195,11 +209,5 @@ class DPDiffusionModule(pl.LightningModule):
         state = checkpoint.get("dpdm")
         if state is None:
             raise ValueError("This checkpoint has no dpdm privacy state; it was not written by dpdm-train.")
-        old, new = state["plan"], self.plan.to_dict()
-        diff = {k: (old.get(k), new.get(k)) for k in MECHANISM_KEYS if old.get(k) != new.get(k)}
-        if diff:
-            lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-            raise ValueError("Refusing to resume: the config changes the privacy mechanism of the "
-                             f"checkpointed run ({lines}). Resume with the original settings or start a "
-                             "new run.")
+        check_same_mechanism(state["plan"], self.plan.to_dict())
         self._restored = state

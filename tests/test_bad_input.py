@@ -1,0 +1,101 @@
+"""Bad input to dpdm-train / dpdm-sample: one clear message, exit code 2, no traceback, nothing earlier
+overwritten, and no training started (each case fails within seconds of startup)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHRINK = ["experiment=smoke", "data.subset_size=40", "data.batch_size=10", "trainer.max_epochs=1",
+          "max_physical_batch_size=64", "callbacks.sample_grid.per_class=1",
+          "callbacks.sample_grid.num_steps=2"]
+
+
+def _run(script, args, env_extra=None):
+    env = {**os.environ, "WANDB_MODE": "disabled", "DPDM_DATA_DIR": str(REPO / "data"), **(env_extra or {})}
+    return subprocess.run([str(BIN / script), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _assert_one_clear_message(proc, expected):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr and "Error in call to target" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("error:") == 1, proc.stderr[-3000:]
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    assert "Epoch 0" not in proc.stderr  # refused before training
+
+
+def _truncated_checkpoint(path: Path) -> Path:
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "dpdm": {}}, path)
+    path.write_bytes(path.read_bytes()[:600])
+    return path
+
+
+def _garbage_checkpoint(path: Path) -> Path:
+    path.write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
+    return path
+
+
+TRAIN_CASES = {
+    "epsilon_zero": (["privacy.epsilon=0"], "privacy.epsilon must be > 0"),
+    "delta_at_least_1_over_N": (["privacy.delta=0.025"], "privacy.delta=0.025 must be in (0, 1/N)"),
+    "K_below_1": (["loss.noise_multiplicity=0"], "noise_multiplicity must be >= 1"),
+    "batch_larger_than_dataset": (["data.batch_size=41"], "exceeds the 40 training examples"),
+    "unknown_dataset": (["data.name=imagenet"], "unknown dataset 'imagenet'"),
+    "missing_checkpoint": (["ckpt_path={tmp}/nope.ckpt"], "does not exist"),
+    "truncated_checkpoint": (["ckpt_path={truncated}"], "corrupted or truncated"),
+    "corrupted_checkpoint": (["ckpt_path={garbage}"], "corrupted or truncated"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+def test_train_bad_input(case, tmp_path):
+    args, expected = TRAIN_CASES[case]
+    subs = {"tmp": tmp_path, "truncated": _truncated_checkpoint(tmp_path / "t.ckpt"),
+            "garbage": _garbage_checkpoint(tmp_path / "g.ckpt")}
+    args = [a.format(**subs) for a in args]
+    run_dir = tmp_path / "run"
+    proc = _run("dpdm-train", [*SHRINK, *args, f"hydra.run.dir={run_dir}"])
+    _assert_one_clear_message(proc, expected)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "privacy.json").exists()
+
+
+def test_train_missing_data_says_how_to_get_it(tmp_path):
+    proc = _run("dpdm-train", [*SHRINK, f"hydra.run.dir={tmp_path / 'run'}"],
+                env_extra={"DPDM_DATA_DIR": str(tmp_path / "empty")})
+    _assert_one_clear_message(proc, "dpdm-data")
+
+
+def test_train_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = _run("dpdm-train", [*SHRINK, f"hydra.run.dir={blocker / 'run'}"])
+    _assert_one_clear_message(proc, "cannot be created or written")
+    assert blocker.read_text() == ""
+
+
+def test_train_refuses_to_overwrite_an_earlier_run_dir(tmp_path):
+    run_dir = tmp_path / "finished"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    earlier = {"privacy.json": b'{"epsilon": 1.0}', "summary.json": b"{}",
+               "checkpoints/last.ckpt": b"earlier checkpoint", "config.yaml": b"earlier: config\n"}
+    for rel, data in earlier.items():
+        (run_dir / rel).write_bytes(data)
+    proc = _run("dpdm-train", [*SHRINK, f"hydra.run.dir={run_dir}"])
+    _assert_one_clear_message(proc, "already holds an earlier run's results")
+    assert "ckpt_path=" in proc.stderr  # says how to continue that run instead
+    for rel, data in earlier.items():
+        assert (run_dir / rel).read_bytes() == data, rel
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+def test_sample_bad_checkpoint(kind, tmp_path):
+    ckpt = {"truncated": lambda: _truncated_checkpoint(tmp_path / "t.ckpt"),
+            "garbage": lambda: _garbage_checkpoint(tmp_path / "g.ckpt")}[kind]()
+    proc = _run("dpdm-sample", [f"ckpt={ckpt}", "n=2", f"out={tmp_path / 'o'}"])
+    _assert_one_clear_message(proc, "corrupted or truncated")
+    assert not (tmp_path / "o" / "samples.npz").exists()

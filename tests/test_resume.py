@@ -1,0 +1,135 @@
+"""Checkpoint and resume through the real dpdm-train: a SIGKILLed run resumed from last.ckpt ends where an
+uninterrupted run ends (same steps, ε, accountant history, RNG states and weights), and resumes that would
+change the mechanism or exceed the budget are refused without touching the earlier run's files.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# 40 examples, B = 10: 4 DP-SGD steps per epoch, 8 in all; tiny, so the test stays fast on a busy CPU.
+SHRINK = ["experiment=smoke", "data.subset_size=40", "data.batch_size=10", "trainer.max_epochs=2",
+          "max_physical_batch_size=64", "callbacks.sample_grid.per_class=1",
+          "callbacks.sample_grid.num_steps=2", "privacy.noise_seed=123", "data.sampler_seed=5", "seed=0"]
+TOTAL_STEPS = 8
+
+
+def _env():
+    return dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(REPO / "data"))
+
+
+def _train(*extra, timeout=600):
+    return subprocess.run([str(BIN / "dpdm-train"), *SHRINK, *extra], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _files(run_dir):
+    return {rel: (run_dir / rel).read_bytes()
+            for rel in ("privacy.json", "summary.json", "config.yaml", "checkpoints/last.ckpt")}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full")
+    proc = _train(f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def _wait_for_first_checkpoint(proc, ckpt, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        if ckpt.is_file():
+            try:
+                return _load(ckpt)  # fully written
+            except Exception:
+                pass
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkilled_run_resumes_to_the_same_result(full_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([str(BIN / "dpdm-train"), *SHRINK, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        first = _wait_for_first_checkpoint(proc, ckpt)
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = _load(ckpt)  # the last checkpoint the killed run left (epoch end)
+    assert first["global_step"] > 0
+    assert 0 < killed_at["global_step"] < TOTAL_STEPS, "killed too late: the run had finished"
+    assert not (run_dir / "summary.json").exists()
+
+    # Resume into the same run dir, with the same overrides.
+    proc = _train(f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    full = json.loads((full_run / "privacy.json").read_text())
+    resumed = json.loads((run_dir / "privacy.json").read_text())
+    assert resumed["steps"] == full["steps"] == TOTAL_STEPS
+    assert resumed["epsilon"] == pytest.approx(full["epsilon"], rel=1e-9)
+    assert json.loads((run_dir / "summary.json").read_text())["optimizer_steps"] == TOTAL_STEPS
+
+    a, b = _load(full_run / "checkpoints/last.ckpt"), _load(ckpt)
+    assert a["global_step"] == b["global_step"] == TOTAL_STEPS
+    # Accountant history, DP-noise and diffusion-noise generators, data-sampler generator: all restored.
+    assert a["dpdm"]["accountant"]["history"] == b["dpdm"]["accountant"]["history"]
+    assert torch.equal(a["dpdm"]["noise_rng"], b["dpdm"]["noise_rng"])
+    assert torch.equal(a["dpdm"]["diffusion_rng"], b["dpdm"]["diffusion_rng"])
+    dm_key = next(k for k in a if "sampler_generator_state" in (a[k] if isinstance(a[k], dict) else {}))
+    assert torch.equal(a[dm_key]["sampler_generator_state"], b[dm_key]["sampler_generator_state"])
+    # Model, EMA and optimizer state: bit for bit (resume at an epoch boundary is exact).
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert any(k.startswith("ema.") for k in a["state_dict"])
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(sa[i][name]), torch.as_tensor(sb[i][name])), (i, name)
+
+
+def test_resuming_a_spent_budget_with_the_same_config_is_refused(full_run):
+    before = _files(full_run)
+    proc = _train(f"ckpt_path={full_run / 'checkpoints/last.ckpt'}", f"hydra.run.dir={full_run}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "privacy budget of this run is spent" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _files(full_run) == before
+
+
+@pytest.mark.parametrize("override", ["privacy.max_grad_norm=2.0", "loss.noise_multiplicity=3",
+                                      "data.batch_size=20"])
+def test_resume_that_changes_the_mechanism_is_refused(full_run, tmp_path, override):
+    before = _files(full_run)
+    proc = _train(override, f"ckpt_path={full_run / 'checkpoints/last.ckpt'}",
+                  f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Refusing to resume: the config changes the privacy mechanism" in proc.stderr
+    key = {"privacy.max_grad_norm=2.0": "max_grad_norm", "loss.noise_multiplicity=3": "noise_multiplicity",
+           "data.batch_size=20": "expected_batch_size"}[override]
+    assert key in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _files(full_run) == before
+    assert not (tmp_path / "r" / "checkpoints").exists()
