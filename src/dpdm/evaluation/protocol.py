@@ -7,7 +7,6 @@ metric that cannot be computed is listed under `unavailable` with the reason, ne
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dpdm.utils.checksums import sha256_file
 from dpdm.evaluation.downstream import (LabeledImages, TrainSettings, accuracy, class_counts,
                                         evaluate_downstream, split_held_out)
 from dpdm.evaluation.frechet import FeatureStats, FrechetDistance, cached_feature_stats
@@ -166,7 +166,7 @@ class Evaluator:
     def _inception(self) -> tuple[FrechetDistance, dict, str]:
         s = self.settings.fid
         path = resolve_inception_weights(weights_path=s.weights_path, verify=s.verify_weights)
-        digest = INCEPTION_SHA256 if s.verify_weights else hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = INCEPTION_SHA256 if s.verify_weights else sha256_file(path)
         fd = inception_frechet_distance(weights_path=path, antialias=s.antialias, device=self.device)
         ident = {"weights": str(path), "weights_sha256": digest, "verified": s.verify_weights,
                  "antialias": s.antialias, "features": "inception-v3 pool3 (2048)", "batch_size": s.batch_size}

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpdm.utils.checksums import sha256_file
 from dpdm.evaluation.downstream import LabeledImages, TrainSettings, accuracy, to_model_input, train_classifier
 from dpdm.evaluation.frechet import FrechetDistance
 from dpdm.nets.classifiers import CNN
@@ -71,10 +72,6 @@ def classifier_frechet_distance(*, cnn: CNN, device: torch.device | str = "cpu")
     return FrechetDistance(metric=metric, device=device)
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_or_train_real_classifier(*, dataset: str, train: LabeledImages, test: LabeledImages,
                                   cache_dir: str | Path, settings: RealClassifierSettings = RealClassifierSettings(),
                                   num_classes: int = 10, device: torch.device | str = "cpu",
@@ -85,7 +82,7 @@ def load_or_train_real_classifier(*, dataset: str, train: LabeledImages, test: L
         blob = torch.load(path, map_location="cpu", weights_only=True)
         model = CNN(num_classes=num_classes)
         model.load_state_dict(blob["state_dict"])
-        return RealClassifier(model.to(device).eval(), path, _file_sha256(path), float(blob["test_acc"]),
+        return RealClassifier(model.to(device).eval(), path, sha256_file(path), float(blob["test_acc"]),
                               blob["settings"])
     if settings.num_train is not None and settings.num_train < len(train):
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed))
@@ -104,7 +101,7 @@ def load_or_train_real_classifier(*, dataset: str, train: LabeledImages, test: L
     meta = {"dataset": dataset, **asdict(settings), "num_train_used": len(train)}
     _save_atomic({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                   "test_acc": test_acc, "settings": meta}, path)
-    return RealClassifier(model.eval(), path, _file_sha256(path), test_acc, meta)
+    return RealClassifier(model.eval(), path, sha256_file(path), test_acc, meta)
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
