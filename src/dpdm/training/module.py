@@ -154,7 +154,9 @@ class DPDiffusionModule(pl.LightningModule):
                 self.dp.optimizer.signal_skip_step(True)
                 self.dp.optimizer.step()
                 self.dp.optimizer.zero_grad()
+        self.before_dp_step()
         opt.step()
+        self.after_dp_step()
         opt.zero_grad()
         # After the step: steps_taken already counts it, so the rate uses the index of this step.
         update_ema(self.ema, self.denoiser,
@@ -166,6 +168,15 @@ class DPDiffusionModule(pl.LightningModule):
         self.log("img/s", n * self.K / dt, prog_bar=True, on_step=True, on_epoch=False,
                  logger=False, batch_size=max(n, 1))
         return None
+
+    # Extension points around the one real optimizer step of a logical batch, used by the privacy
+    # audit (dpdm.privacy.audit): before it, p.grad_sample holds the last chunk's per-example gradients
+    # (clipping has not happened yet); after it, p.grad holds the privatized (clipped + noised) gradient.
+    def before_dp_step(self) -> None:
+        pass
+
+    def after_dp_step(self) -> None:
+        pass
 
     def on_train_epoch_end(self):
         eps = self.epsilon_spent()
