@@ -95,7 +95,9 @@ def test_real_batch_noise_is_the_difference_to_the_sigma_zero_update(K):
     for sigma in (0.0, SIGMA):
         d = copy.deepcopy(den)
         dp = _components(d.net, sigma, K=K)
-        denoising_loss_per_example(d, x, tn).mean().backward()
+        with dp.per_example.capture():
+            losses = denoising_loss_per_example(d, x, tn)
+        dp.per_example.backward(losses)
         norms = torch.stack([p.grad_sample.reshape(B, -1).norm(dim=1) for p in d.net.parameters()]).norm(dim=0)
         dp.optimizer.pre_step()
         updates[sigma] = _flat_grad(d.net)

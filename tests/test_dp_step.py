@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpdm.diffusion.loss import denoising_loss_per_example, draw_training_noise
+from dpdm.privacy.engine import ENGINES
 from dpdm.training.module import DPDiffusionModule
 from dpdm.training.privacy_plan import PrivacyPlan
 from tests.helpers import tiny_denoiser
@@ -53,15 +54,16 @@ def _one_step(module, x, y):
     return module.recorded[0]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("max_physical", [6, 4])  # one chunk, and 4 + 2 (a skipped step)
-def test_update_is_mean_of_clipped_per_example_gradients(max_physical):
+def test_update_is_mean_of_clipped_per_example_gradients(max_physical, engine):
     den = tiny_denoiser(num_classes=3)
     x = torch.rand((6, 1, 8, 8), generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2 - 1
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     reference_den = copy.deepcopy(den)
     module = RecordingModule(net=den.net, plan=_plan(0.0), preconditioning=den.precond,
                              label_dropout=0.3, ema_rate=0.9, max_physical_batch_size=max_physical,
-                             seed=SEED, noise_seed=1)
+                             seed=SEED, noise_seed=1, dp_engine=engine)
     got = _one_step(module, x, y)
 
     # Same diffusion noise as the module: its generator, seeded seed + 2, consumed chunk by chunk.

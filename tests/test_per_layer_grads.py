@@ -3,7 +3,7 @@
 For each layer (or block) under test the network sees B·K rows (example-major: row i·K + k) and a
 per-row loss ℓ_ik; the per-example loss is ℓ_i = mean_k ℓ_ik and the batch loss mean_i ℓ_i — exactly
 the reduction of `denoising_loss_per_example` + `training_step`. The per-example gradients Opacus stores
-through `NoiseMultiplicityGradSampleHooks` must equal a micro-batch reference: plain autograd of ℓ_i on
+through every engine offered (`dpdm.privacy.engine.ENGINES`) must equal a micro-batch reference: plain autograd of ℓ_i on
 example i's K rows alone. float64, tolerance 1e-10. Shapes are drawn by hypothesis.
 """
 from __future__ import annotations
@@ -16,8 +16,7 @@ from torch import nn
 
 from dpdm.nets.classifiers import CNN, MLP, LogReg
 from dpdm.nets.layers import ResBlock, SelfAttention2d, group_norm
-from dpdm.privacy.engine import validate_for_dp
-from dpdm.privacy.noise_multiplicity import NoiseMultiplicityGradSampleHooks
+from dpdm.privacy.engine import ENGINES, make_per_example_engine, validate_for_dp
 
 TOL = 1e-10
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
@@ -31,7 +30,7 @@ def _per_row_loss(out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def check_per_example_grads(module: nn.Module, inputs: tuple, *, B: int, K: int, seed: int = 0):
-    """Compare Opacus' folded per-example gradients with per-example micro-batch autograd."""
+    """Compare every engine's per-example gradients with per-example micro-batch autograd."""
     module = module.double().train()
     params = [p for p in module.parameters() if p.requires_grad]
     with torch.no_grad():
@@ -46,23 +45,26 @@ def check_per_example_grads(module: nn.Module, inputs: tuple, *, B: int, K: int,
         loss_i = _per_row_loss(module(*(x[rows] for x in inputs)), w[rows]).mean()
         ref.append(torch.autograd.grad(loss_i, params, allow_unused=True))
 
-    hooks = NoiseMultiplicityGradSampleHooks(module, noise_multiplicity=K)
-    try:
-        per_example = _per_row_loss(module(*inputs), w).reshape(B, K).mean(1)
-        per_example.mean().backward()
-        worst, biggest = 0.0, 0.0
-        for j, p in enumerate(params):
-            assert p.grad_sample.shape == (B, *p.shape), (j, p.grad_sample.shape)
-            for i in range(B):
-                r = ref[i][j] if ref[i][j] is not None else torch.zeros_like(p)
-                worst = max(worst, (p.grad_sample[i] - r).abs().max().item())
-                biggest = max(biggest, r.abs().max().item())
-        assert worst < TOL, worst
-        assert biggest > 1e-3  # the reference is not trivially zero
-    finally:
-        hooks.cleanup()
-        for p in params:
-            p.grad_sample = None
+    for engine in ENGINES:  # every engine offered must be exact
+        hooks = make_per_example_engine(module, noise_multiplicity=K, engine=engine)
+        try:
+            with hooks.capture():
+                out = module(*inputs)
+            hooks.backward(_per_row_loss(out, w).reshape(B, K).mean(1))
+            worst, biggest = 0.0, 0.0
+            for j, p in enumerate(params):
+                assert p.grad_sample.shape == (B, *p.shape), (engine, j, p.grad_sample.shape)
+                for i in range(B):
+                    r = ref[i][j] if ref[i][j] is not None else torch.zeros_like(p)
+                    worst = max(worst, (p.grad_sample[i] - r).abs().max().item())
+                    biggest = max(biggest, r.abs().max().item())
+            assert worst < TOL, (engine, worst)
+            assert biggest > 1e-3  # the reference is not trivially zero
+        finally:
+            hooks.cleanup()
+            for p in params:
+                p.grad_sample = None
+                p.grad = None
 
 
 def _x(*shape, seed=1):

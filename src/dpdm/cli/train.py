@@ -45,7 +45,7 @@ def build_module(cfg: DictConfig, dm):
         weight_decay=cfg.optim.weight_decay, ema_rate=cfg.ema.rate,
         ema_warmup=cfg.ema.warmup,
         max_physical_batch_size=cfg.max_physical_batch_size, secure_mode=p.secure_mode,
-        seed=cfg.seed, noise_seed=p.get("noise_seed"))
+        seed=cfg.seed, noise_seed=p.get("noise_seed"), dp_engine=cfg.get("dp_engine", "fold"))
     # Enough to rebuild the denoiser from a checkpoint alone (dpdm-sample).
     module.build_config = OmegaConf.to_container(
         OmegaConf.masked_copy(cfg, ["net", "denoiser", "data"]), resolve=True)
@@ -81,8 +81,15 @@ def run_training(cfg: DictConfig) -> dict:
     if cfg.ckpt_path is not None:  # refuse before anything in the run dir is (over)written
         check_resume(cfg.ckpt_path, plan)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    from dpdm.experiments.tracking import configure_wandb, finish_loggers, log_run_config
+
+    configure_wandb(cfg)  # offline unless WANDB_MODE is set; one run per sweep job, grouped by sweep
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    log_run_config(loggers, cfg, plan)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
+        from pytorch_lightning.callbacks import ProgressBar
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     t0 = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
@@ -97,7 +104,9 @@ def run_training(cfg: DictConfig) -> dict:
         "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
         "sample_grids": sorted(str(p) for p in (out / "samples").glob("*.png")),
     }
-    write_json_atomic(out / "summary.json", summary)
+    if trainer.is_global_zero:  # trainer=ddp: every rank returns here; one writes the run's files
+        write_json_atomic(out / "summary.json", summary)
+    finish_loggers(loggers, summary)
     eps = summary["privacy"]["epsilon"]
     log.info("done in %.0fs: %d steps, ε=%s; run dir %s", summary["wall_time_s"],
              summary["optimizer_steps"], "n/a" if eps is None else f"{eps:.4f}", out)
@@ -181,6 +190,9 @@ def check_run_dir_arg(argv: list[str]) -> None:
 
 def main() -> None:
     check_run_dir_arg(sys.argv[1:])
+    from dpdm.utils.allocator import retain_freed_memory
+
+    retain_freed_memory()  # reuse freed step buffers instead of page-faulting them in again
     _hydra_main()
 
 

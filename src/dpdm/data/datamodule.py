@@ -10,9 +10,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from opacus.data_loader import DPDataLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dpdm.data.acquire import dataset_info, load_split
+from dpdm.utils.seeds import derived_seed
 
 __all__ = ["ImageDataModule", "UInt8ImageDataset", "batch_passthrough"]
 
@@ -158,16 +159,38 @@ class ImageDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------ loaders
 
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
     def train_dataloader(self) -> DataLoader:
         dataset = self._train()
+        rank, world_size = self._rank_and_world_size()
         if self.poisson_sampling:
+            generator = self.sampler_generator
+            if world_size > 1:
+                # Data-parallel DP-SGD: rank r Poisson-samples its disjoint shard (every world_size-th
+                # example) at the *global* rate q = B/N with its own independent stream. Every example
+                # is then in the step's batch independently with probability q: the union of the local
+                # batches is a Poisson sample of the whole dataset, as in one process. Every rank yields
+                # ⌊1/q⌋ batches, empty ones included, so all ranks take the same steps in lockstep.
+                dataset = Subset(dataset, range(rank, len(dataset), world_size))
+                seed = int(torch.randint(0, 2**62, (1,), generator=self.sampler_generator))
+                generator = torch.Generator().manual_seed(derived_seed(seed, rank))
             return DPDataLoader(
                 dataset,
                 sample_rate=self.sample_rate,
-                generator=self.sampler_generator,
+                generator=generator,
                 collate_fn=batch_passthrough,
                 num_workers=self.num_workers,
             )
+        if world_size > 1:
+            raise ValueError("data.poisson_sampling=false (a non-private run) is single-process only; "
+                             "trainer=ddp needs Poisson sampling (privacy enabled)")
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

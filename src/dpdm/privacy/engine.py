@@ -12,17 +12,25 @@ from dataclasses import dataclass
 
 import torch
 from opacus.accountants import IAccountant, create_accountant
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
 from dpdm.privacy.accounting import _check_accountant
 from dpdm.privacy.noise_multiplicity import NoiseMultiplicityGradSampleHooks
+from dpdm.privacy.per_example_grads import PerExampleGradients
+
+# How per-example gradients are computed (docs/performance.md has the measurements behind the default):
+#   fold          dpdm's engine: output-gradient-only backward + one contraction per layer, conv weight
+#                 gradients from a B-group convolution backward (default)
+#   fold_unfold   the same engine, conv weight gradients by im2col + bmm (5x slower on CPU)
+#   opacus        stock Opacus grad-sample hooks, the K rows of an example summed layer by layer
+ENGINES = ("fold", "fold_unfold", "opacus")
 
 
 @dataclass
 class DPComponents:
-    hooks: NoiseMultiplicityGradSampleHooks
+    per_example: PerExampleGradients | NoiseMultiplicityGradSampleHooks
     optimizer: DPOptimizer
     accountant: IAccountant
     noise_generator: torch.Generator
@@ -37,21 +45,44 @@ def validate_for_dp(module: nn.Module) -> None:
                          "Use GroupNorm instead of BatchNorm and only Opacus-supported layers.")
 
 
+def make_per_example_engine(module: nn.Module, *, noise_multiplicity: int, engine: str = "fold"):
+    """The object whose `capture()` / `backward(per_example_losses)` fill p.grad_sample."""
+    if engine == "opacus":
+        return NoiseMultiplicityGradSampleHooks(module, noise_multiplicity=noise_multiplicity)
+    if engine in ("fold", "fold_unfold"):
+        return PerExampleGradients(module, noise_multiplicity=noise_multiplicity,
+                                   conv_method="unfold" if engine == "fold_unfold" else "grouped")
+    raise ValueError(f"privacy.engine must be one of {ENGINES}, got {engine!r}")
+
+
 def make_dp_components(module: nn.Module, optimizer: torch.optim.Optimizer, *,
                        noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
                        sample_rate: float, noise_multiplicity: int, accountant: str = "rdp",
-                       secure_mode: bool = False, noise_seed: int | None = None) -> DPComponents:
+                       secure_mode: bool = False, noise_seed: int | None = None,
+                       engine: str = "fold", world_size: int | None = None) -> DPComponents:
     validate_for_dp(module)
-    hooks = NoiseMultiplicityGradSampleHooks(module, noise_multiplicity=noise_multiplicity)
+    per_example = make_per_example_engine(module, noise_multiplicity=noise_multiplicity, engine=engine)
     # The noise must be unpredictable to the adversary: by default its generator is seeded from OS
     # entropy. A fixed noise_seed makes runs reproducible but voids the guarantee against anyone who
     # knows the seed. secure_mode additionally makes Opacus draw each coordinate as a sum of Gaussians,
     # against floating-point attacks on the Gaussian sampler.
     gen = torch.Generator(device=next(module.parameters()).device)
     gen.manual_seed(noise_seed if noise_seed is not None else int.from_bytes(os.urandom(8), "little"))
-    dp_opt = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch_size, loss_reduction="mean",
-                         generator=gen, secure_mode=secure_mode)
+    # Data-parallel DP-SGD (trainer=ddp, world_size W > 1; None = torch.distributed's world size):
+    # Opacus' DistributedDPOptimizer. Every rank clips its own examples, rank 0 alone adds the noise,
+    # each rank divides by the per-rank expected batch size B/W, and the all-reduce averages over the W
+    # ranks: the update is (Σ clipped gradients of all ranks + one N(0, σ²C²)) / B, as in one process.
+    world_size = _world_size() if world_size is None else int(world_size)
+    opt_cls, per_rank_batch = ((DistributedDPOptimizer, expected_batch_size / world_size)
+                               if world_size > 1 else (DPOptimizer, expected_batch_size))
+    dp_opt = opt_cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                     expected_batch_size=per_rank_batch, loss_reduction="mean",
+                     generator=gen, secure_mode=secure_mode)
     acc = create_accountant(mechanism=_check_accountant(accountant))
     dp_opt.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=sample_rate))
-    return DPComponents(hooks=hooks, optimizer=dp_opt, accountant=acc, noise_generator=gen)
+    return DPComponents(per_example=per_example, optimizer=dp_opt, accountant=acc, noise_generator=gen)
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

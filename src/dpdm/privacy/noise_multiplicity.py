@@ -10,6 +10,7 @@ the quantity DP-SGD clips (DPDM, Sec. 3.2).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -39,6 +40,14 @@ class NoiseMultiplicityGradSampleHooks(GradSampleHooks):
         # so validation (strict) still refuses them when the model is built.
         self.GRAD_SAMPLERS = {t: _fold_rows(f, K) for t, f in GradSampleHooks.GRAD_SAMPLERS.items()}
         super().__init__(module, batch_first=True, loss_reduction=loss_reduction, strict=True)
+
+    # The engine interface shared with dpdm.privacy.per_example_grads.PerExampleGradients.
+    def capture(self):
+        return nullcontext()  # the hooks record every training-mode forward
+
+    def backward(self, per_example_losses: torch.Tensor) -> None:
+        # Opacus rescales backprops by the batch size for the "mean" reduction: exact ∇ℓ_i per example.
+        per_example_losses.mean().backward()
 
     def rearrange_grad_samples(self, *, module, backprops, loss_reduction, batch_first):
         if not hasattr(module, "max_batch_len"):

@@ -1,13 +1,15 @@
-"""Lightning callbacks: privacy ledger (privacy.json, ε per epoch) and sample grids."""
+"""Lightning callbacks: privacy ledger (privacy.json, ε per epoch), sample grids, the DP progress bar."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
 from dpdm.utils.images import save_image_grid, to_uint8
@@ -98,3 +100,55 @@ def _plain_dict(cfg) -> dict:
     from omegaconf import DictConfig, OmegaConf
 
     return dict(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+class DPProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar plus what a DP run needs at a glance: noised images/s, ε spent so far and
+    the ETA of the whole run (not just the epoch), from the mean duration of the recent steps."""
+
+    def __init__(self, refresh_rate: int = 1, epsilon_every_s: float = 15.0, window: int = 50):
+        super().__init__(refresh_rate=refresh_rate)
+        # One RDP ε evaluation takes ~0.1 s on a CPU: on a time budget, not per step, so fast GPU steps
+        # do not pay for the bar.
+        self.eps_every_s, self.window = epsilon_every_s, window
+        self._step_times: list[float] = []
+        self._last: float | None = None
+        self._eps: tuple[float, float] | None = None  # (time, ε), recomputed every eps_every_s
+        self.eta_s: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._last is not None:
+            self._step_times = (self._step_times + [now - self._last])[-self.window:]
+        self._last = now
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._last = None  # the gap across epoch ends (checkpoints, sample grids) is not a step
+        super().on_train_epoch_start(trainer, pl_module)
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        plan = getattr(pl_module, "plan", None)
+        if plan is None:
+            return metrics
+        steps = pl_module.steps_taken
+        now = time.perf_counter()
+        if plan.enabled and (self._eps is None or now - self._eps[0] >= self.eps_every_s
+                             or steps >= plan.max_steps):
+            self._eps = (now, pl_module.epsilon_spent())
+        if plan.enabled and self._eps is not None:
+            metrics["ε"] = f"{self._eps[1]:.3g}/{plan.target_epsilon:g}"
+        total = trainer.estimated_stepping_batches
+        if plan.enabled:
+            total = min(total, plan.max_steps)
+        if self._step_times and math.isfinite(total):
+            self.eta_s = max(total - steps, 0) * sum(self._step_times) / len(self._step_times)
+            metrics["ETA"] = _hms(self.eta_s)
+        return metrics
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

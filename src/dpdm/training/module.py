@@ -18,10 +18,11 @@ from dpdm.diffusion.loss import denoising_loss_per_example, draw_training_noise
 from dpdm.diffusion.noise_levels import LogNormalSigma
 from dpdm.diffusion.preconditioning import Denoiser, EDMPreconditioning
 from dpdm.diffusion.samplers import latents_from_seeds, run_sampler
-from dpdm.privacy.engine import DPComponents, make_dp_components
+from dpdm.privacy.engine import ENGINES, DPComponents, make_dp_components
 from dpdm.privacy.noise_multiplicity import set_empty_grad_samples
 from dpdm.training.ema import ema_rate_at, make_ema_copy, update_ema
 from dpdm.training.privacy_plan import PrivacyPlan
+from dpdm.utils.seeds import derived_seed
 
 # Any change to these between a checkpoint and a resumed run changes the mechanism being accounted.
 MECHANISM_KEYS = ("enabled", "target_epsilon", "delta", "noise_multiplier", "max_grad_norm",
@@ -57,7 +58,7 @@ class DPDiffusionModule(pl.LightningModule):
                  pixel_reduction: str = "sum", lr: float = 3e-4, betas=(0.9, 0.999),
                  weight_decay: float = 0.0, ema_rate: float = 0.999, ema_warmup: bool = False,
                  max_physical_batch_size: int = 256, secure_mode: bool = False, seed: int = 0,
-                 noise_seed: int | None = None):
+                 noise_seed: int | None = None, dp_engine: str = "fold"):
         super().__init__()
         self.automatic_optimization = False
         self.denoiser = Denoiser(net, preconditioning or EDMPreconditioning())
@@ -70,6 +71,9 @@ class DPDiffusionModule(pl.LightningModule):
         self.ema_rate, self.ema_warmup = ema_rate, ema_warmup
         self.max_physical = max_physical_batch_size
         self.secure_mode, self.seed, self.noise_seed = secure_mode, seed, noise_seed
+        if dp_engine not in ENGINES:
+            raise ValueError(f"dp_engine must be one of {ENGINES}, got {dp_engine!r}")
+        self.dp_engine = dp_engine
         self.dp: DPComponents | None = None
         self._restored: dict | None = None
         self._diffusion_gen: torch.Generator | None = None
@@ -88,7 +92,7 @@ class DPDiffusionModule(pl.LightningModule):
                 expected_batch_size=self.plan.expected_batch_size,
                 sample_rate=self.plan.sample_rate, noise_multiplicity=self.K,
                 accountant=self.plan.accountant, secure_mode=self.secure_mode,
-                noise_seed=self.noise_seed)
+                noise_seed=self.noise_seed, engine=self.dp_engine)
         else:  # a second fit() on the same module: keep hooks/accountant, rewrap the new Adam
             self.dp.optimizer.original_optimizer = adam
         if self._restored is not None:
@@ -119,7 +123,14 @@ class DPDiffusionModule(pl.LightningModule):
     def _diffusion_generator(self) -> torch.Generator:
         if self._diffusion_gen is None:
             self._diffusion_gen = torch.Generator(device=self.device).manual_seed(self.seed + 2)
-            if self._restored is not None and "diffusion_rng" in self._restored:
+            if self.global_rank > 0:
+                # Data-parallel (trainer=ddp): each rank draws the diffusion noise of its own examples
+                # from its own stream (one shared stream would give example i of every rank the same
+                # draws). Rank 0 keeps the single-process stream; checkpoints hold rank 0's state, so a
+                # resumed rank r > 0 starts a fresh stream keyed by the steps already taken.
+                self._diffusion_gen.manual_seed(derived_seed(self.seed + 2, self.global_rank,
+                                                             self.steps_taken))
+            elif self._restored is not None and "diffusion_rng" in self._restored:
                 self._diffusion_gen.set_state(self._restored["diffusion_rng"])
         return self._diffusion_gen
 
@@ -144,12 +155,16 @@ class DPDiffusionModule(pl.LightningModule):
             if len(xc) == 0:
                 set_empty_grad_samples(self.denoiser.net)  # empty Poisson batch: noise-only step
             else:
-                losses = self._chunk_loss(xc, yc)
+                if self.plan.enabled:
+                    # DP: the engine turns the per-example losses into p.grad_sample (∇ℓ_i each).
+                    with self.dp.per_example.capture():
+                        losses = self._chunk_loss(xc, yc)
+                    self.dp.per_example.backward(losses)
+                else:
+                    # Non-private: weight chunks so the sum is the mean over the logical batch.
+                    losses = self._chunk_loss(xc, yc)
+                    self.manual_backward(losses.mean() * (len(xc) / n))
                 total = total + losses.detach().sum()
-                # DP: the hooks rescale the chunk mean to exact per-example gradients.
-                # Non-private: weight chunks so the sum is the mean over the logical batch.
-                scale = 1.0 if self.plan.enabled else len(xc) / n
-                self.manual_backward(losses.mean() * scale)
             if j < len(bounds) - 1 and self.plan.enabled:
                 self.dp.optimizer.signal_skip_step(True)
                 self.dp.optimizer.step()
@@ -170,7 +185,7 @@ class DPDiffusionModule(pl.LightningModule):
         return None
 
     # Extension points around the one real optimizer step of a logical batch, used by the privacy
-    # audit (dpdm.privacy.audit): before it, p.grad_sample holds the last chunk's per-example gradients
+    # canary audit (dpdm.privacy.canaries): before it, p.grad_sample holds the last chunk's per-example gradients
     # (clipping has not happened yet); after it, p.grad holds the privatized (clipped + noised) gradient.
     def before_dp_step(self) -> None:
         pass

@@ -1,0 +1,52 @@
+"""The training progress bar shows noised images/s, ε spent so far (from the accountant) and the run's ETA."""
+import pytorch_lightning as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpdm.training.callbacks import DPProgressBar, _hms
+from dpdm.training.module import DPDiffusionModule
+from dpdm.training.privacy_plan import PrivacyPlan
+from tests.helpers import tiny_denoiser
+
+
+class Snapshot(pl.Callback):
+    def __init__(self, bar):
+        self.bar, self.seen = bar, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        metrics = dict(self.bar.get_metrics(trainer, pl_module))
+        self.seen.append((pl_module.steps_taken, metrics, self.bar.eta_s))
+
+
+def test_bar_shows_images_per_second_epsilon_and_eta():
+    den = tiny_denoiser(num_classes=3)
+    plan = PrivacyPlan(enabled=True, target_epsilon=10.0, delta=1e-5, noise_multiplier=1.0,
+                       max_grad_norm=1.0, sample_rate=0.2, expected_batch_size=2, steps_per_epoch=5,
+                       planned_steps=10, max_steps=10, noise_multiplicity=2, accountant="rdp",
+                       dataset_size=10)
+    module = DPDiffusionModule(net=den.net, plan=plan, preconditioning=den.precond)
+    bar = DPProgressBar(epsilon_every_s=0)
+    snap = Snapshot(bar)
+    trainer = pl.Trainer(max_epochs=2, precision="64-true", accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[bar, snap])
+    x = torch.rand((10, 1, 8, 8), dtype=torch.float64)
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, torch.zeros(10, dtype=torch.long)),
+                                                     batch_size=2))
+    steps, last, eta_end = snap.seen[-1]
+    assert steps == 10
+    assert "img/s" in last
+    # ε in the bar is the accountant's for the steps taken so far, against the target.
+    shown, target = last["ε"].split("/")
+    assert float(shown) == pytest.approx(module.epsilon_spent(), rel=1e-2) and float(target) == 10
+    early = snap.seen[2][1]
+    assert float(early["ε"].split("/")[0]) < float(shown)  # it grows during training
+    # ETA counts down to 0:00:00 at the last step of the run (not of the epoch).
+    assert last["ETA"] == "0:00:00" and eta_end == 0
+    steps_5, _, eta_5 = snap.seen[4]  # end of epoch 1: 5 steps of the run still to go
+    assert steps_5 == 5 and eta_5 > 0
+
+
+def test_hms():
+    assert _hms(0) == "0:00:00" and _hms(3725.4) == "1:02:05"

@@ -1,0 +1,172 @@
+"""dpdm-reproduce: the refusal without a GPU (through `make reproduce-mnist`), the whole code path
+train → sample → evaluate → results page on a shrunk configuration, the compute-budget preset's
+accounting, and notebooks/sweep_results.ipynb executed against the shrunk runs.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpdm.experiments.paper import HEADLINE
+from dpdm.experiments.reproduce import (BENCHMARK_FILE, H200_REFERENCE_IMAGES_PER_S, RECIPES, format_duration,
+                                        run_cost, stored_throughput)
+from dpdm.experiments.sweeps import NO_INCEPTION
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env(tmp: Path, **extra):
+    # No GPU (even on a GPU machine: the test must not start a days-long run), no Inception weights
+    # (TORCH_HOME is empty), wandb off.
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCH_HOME=str(tmp / "torch_home"), WANDB_MODE="disabled",
+               DPDM_DATA_DIR=str(REPO / "data"))
+    env.update(extra)
+    return env
+
+
+def test_make_reproduce_mnist_refuses_without_a_gpu_with_the_estimate(tmp_path):
+    assert stored_throughput() is not None, f"{BENCHMARK_FILE} holds the CPU figure the estimate divides by"
+    # -o: do not rebuild the venv even if pyproject.toml is newer than its stamp.
+    proc = subprocess.run(["make", "-o", ".venv/.installed", "reproduce-mnist"], cwd=REPO, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    print(proc.stderr)
+    assert proc.returncode != 0
+    assert "dpdm-reproduce mnist: no GPU here" in proc.stderr and "refusing to start" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # The estimate: the recipe's noised images (steps × B × K of each run's privacy plan) ÷ the stored figure.
+    costs = [run_cost(r) for r in RECIPES["mnist"].runs]
+    total = sum(c["noised_images"] for c in costs)
+    assert total == 3 * 4200 * 4096 * 32  # 300 epochs × ⌊60000/4096⌋ steps, B = 4096, K = 32
+    assert f"{total:.4g} noised images in total" in proc.stderr
+    t = stored_throughput(_cpu_device())
+    assert f"estimated training time on this machine: {format_duration(total / t['images_per_s'])}" in proc.stderr
+    assert "benchmark figure measured on" in proc.stderr  # says where the throughput comes from
+    assert f"{format_duration(total / H200_REFERENCE_IMAGES_PER_S)} at 8000 noised images/s" in proc.stderr
+    assert "[mnist_eps" not in proc.stdout  # no stage started
+
+
+def _cpu_device():
+    import torch
+
+    from dpdm.experiments.throughput import device_description
+
+    return device_description(torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def shrunk(tmp_path_factory):
+    """`dpdm-reproduce mnist --shrink` for ε = 10: every stage of the recipe on a tiny configuration."""
+    tmp = tmp_path_factory.mktemp("reproduce")
+    runs = tmp / "runs"
+    args = [str(BIN / "dpdm-reproduce"), "mnist", "--shrink", "--epsilon", "10", "--runs-dir", str(runs)]
+    proc = subprocess.run(args, cwd=REPO, env=_env(tmp), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"runs": runs, "args": args, "tmp": tmp, "stdout": proc.stdout}
+
+
+def test_shrunk_reproduction_runs_every_stage(shrunk):
+    d = shrunk["runs"] / "mnist_eps10"
+    state = json.loads((d / "reproduce.json").read_text())
+    assert list(state["stages"]) == ["train", "sample_acc", "eval_acc", "sample_fid", "eval_fid"]
+    assert all(rec["rc"] == 0 and rec["wall_s"] > 0 for rec in state["stages"].values())
+    assert "sampler=paper_accuracy" in state["stages"]["sample_acc"]["command"]
+    assert "sampler=paper_fid" in state["stages"]["sample_fid"]["command"]
+    acc = json.loads((d / "samples_accuracy" / "eval.json").read_text())
+    assert {"eval/acc_logreg", "eval/acc_mlp", "eval/acc_cnn"} <= set(acc["metrics"])
+    fid = json.loads((d / "samples_fid" / "eval.json").read_text())
+    assert "fid" in fid["unavailable"] and "eval/fid" not in fid["metrics"]
+    assert not (shrunk["runs"] / "mnist_eps1").exists()  # --epsilon 10 only
+
+
+def test_results_page_puts_our_numbers_beside_the_papers(shrunk):
+    page = (shrunk["runs"] / "mnist.md").read_text()
+    print(page)
+    assert "SHRUNK configuration" in page
+    acc = json.loads((shrunk["runs"] / "mnist_eps10" / "samples_accuracy" / "eval.json").read_text())["metrics"]
+    paper = HEADLINE[("mnist", 10.0)]
+    row = next(line for line in page.splitlines() if line.startswith("| 10 (`mnist_eps10`)"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "done"
+    assert cells[3] == NO_INCEPTION and cells[4] == f"{paper['fid']:g}"
+    for i, key in ((5, "logreg"), (7, "mlp"), (9, "cnn")):
+        assert cells[i] == f"{100 * acc[f'eval/acc_{key}']:.2f}" and cells[i + 1] == f"{paper[key]:.1f}"
+    privacy = json.loads((shrunk["runs"] / "mnist_eps10" / "privacy.json").read_text())
+    assert cells[2] == f"{privacy['epsilon']:.4g}"
+    assert re.search(r"\| 0\.2 \(`mnist_eps0\.2`\) \| not run \|", page)
+    assert "## Hardware and wall time" in page and "no GPU; CPU" in page
+    assert "Not measured on GPU" in page  # the compute-budget preset has not run
+    # The exact commands, as recorded: the train command of this run is on the page.
+    state = json.loads((shrunk["runs"] / "mnist_eps10" / "reproduce.json").read_text())
+    for rec in state["stages"].values():
+        assert rec["command"] in page
+
+
+def test_running_again_skips_finished_stages(shrunk):
+    proc = subprocess.run(shrunk["args"], cwd=REPO, env=_env(shrunk["tmp"]), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done earlier, skipped") == 5
+
+
+def test_notebook_executes_against_the_runs(shrunk, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO / "notebooks" / "sweep_results.ipynb", as_version=4)
+    os.environ["DPDM_SWEEP"] = str(shrunk["runs"])  # the kernel inherits it
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    finally:
+        del os.environ["DPDM_SWEEP"]
+    outputs = [o for cell in nb.cells for o in cell.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "runs from" in text and "CNN accuracy: yes" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # ε plots, K plots
+    tables = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    assert tables and "| job | status |" in tables[0]
+
+
+# ---- the compute-budget preset -----------------------------------------------------------------------
+
+def test_fast_preset_accounting_is_exact_for_its_own_batch_and_epochs():
+    from hydra import compose, initialize_config_dir
+
+    from dpdm.privacy.accounting import epsilon_spent
+    from dpdm.training.privacy_plan import make_privacy_plan
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", ["experiment=mnist_eps10_fast", "output_dir=unused"])
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.loss.noise_multiplicity) == (2048, 20, 2)
+    assert cfg.privacy.epsilon == 10 and cfg.privacy.delta == 1e-5 and cfg.privacy.noise_multiplier is None
+    assert (cfg.net.model_channels, list(cfg.net.channel_mult), cfg.net.num_blocks) == (32, [1, 2, 2], 2)
+    plan = make_privacy_plan(enabled=True, epsilon=10, delta=1e-5, max_grad_norm=1.0, accountant="rdp",
+                             noise_multiplier=None, batch_size=2048, dataset_size=60000, epochs=20,
+                             noise_multiplicity=2)
+    assert plan.planned_steps == 20 * (60000 // 2048) == 580
+    eps = epsilon_spent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                        steps=plan.planned_steps, delta=1e-5, accountant="rdp")
+    assert 9.9 < eps <= 10  # σ calibrated for exactly these steps: the whole budget, not more
+    assert plan.max_steps == plan.planned_steps
+    cost = run_cost(RECIPES["mnist-fast"].runs[0])
+    assert cost["noised_images"] == 580 * 2048 * 2
+    # Within the 6-minute budget at DESIGN.md's H200 figure, with room for start-up and sample grids.
+    assert cost["noised_images"] / H200_REFERENCE_IMAGES_PER_S < 0.9 * 360
+    assert cfg.max_physical_batch_size >= 2048  # one chunk per step: 4096+ rows per forward
+
+
+def test_throughput_is_measured_on_real_dp_steps():
+    from dpdm.experiments.throughput import measure_training_throughput
+
+    tiny = ["net.model_channels=8", "net.channel_mult=[1]", "net.num_blocks=1", "net.attn_resolutions=[]",
+            "trainer.accelerator=cpu", f"data.data_dir={REPO / 'data'}"]
+    t = measure_training_throughput("smoke", examples=8, steps=2, warmup=1, device="cpu", overrides=tiny)
+    assert t.steps == 2 and t.noise_multiplicity == 2 and t.experiment == "smoke"
+    assert t.noised_images % 2 == 0 and t.noised_images > 0  # Poisson batches of ~8 examples × K = 2
+    assert t.images_per_s == pytest.approx(t.noised_images / t.seconds)
+    assert t.device.startswith("cpu (") and t.num_params > 0

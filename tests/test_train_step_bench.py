@@ -1,0 +1,35 @@
+"""`make bench` (benchmarks/train_step.py) runs every variant, prints the table and appends a record."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_runs_every_variant_and_appends_results(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--device", "cpu",
+           "--net", "ddpmpp_tiny", "--batch", "2", "--k", "2", "--steps", "1", "--warmup", "1",
+           "--rounds", "1", "--threads", "1", "--variants", "nonprivate,dpdm,opacus",
+           "--out", str(out)]
+    for _ in range(2):  # a second run appends instead of overwriting
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert "vs non-private" in res.stdout and "opacus" in res.stdout
+    history = json.loads(out.read_text())
+    assert len(history) == 2
+    rec = history[-1]
+    assert rec["settings"]["batch"] == 2 and rec["settings"]["k"] == 2
+    assert {"torch", "opacus", "cpu_count"} <= set(rec["machine"])
+    for v in ("nonprivate", "dpdm", "opacus"):
+        r = rec["results"][v]
+        assert r["noised_images_per_s"] > 0 and r["peak_memory_bytes"] > 0
+        assert abs(r["noised_images_per_s"] * r["median_step_s"] - 4) < 1e-6
+
+
+def test_bench_refuses_unknown_variant(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--variants",
+                          "nonprivate,vmap", "--out", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unknown variant" in res.stderr
