@@ -18,6 +18,7 @@ from dpdm.diffusion.loss import denoising_loss_per_example, draw_training_noise
 from dpdm.diffusion.noise_levels import LogNormalSigma
 from dpdm.diffusion.preconditioning import Denoiser, EDMPreconditioning
 from dpdm.diffusion.samplers import latents_from_seeds, run_sampler
+from dpdm.privacy.accounting import accountant_epsilon
 from dpdm.privacy.engine import ENGINES, DPComponents, make_dp_components
 from dpdm.privacy.noise_multiplicity import set_empty_grad_samples
 from dpdm.training.ema import ema_rate_at, make_ema_copy, update_ema
@@ -113,7 +114,7 @@ class DPDiffusionModule(pl.LightningModule):
             return float("inf")
         if self.steps_taken == 0:
             return 0.0
-        return float(self.dp.accountant.get_epsilon(delta=self.plan.delta))
+        return accountant_epsilon(self.dp.accountant, self.plan.delta)
 
     def on_train_start(self):
         if self.plan.enabled and self.steps_taken >= self.plan.max_steps:
