@@ -27,6 +27,9 @@ OUT = Path(__file__).resolve().parent / "results" / "training_throughput.json"
 
 
 def main() -> int:
+    from dpdm.utils.allocator import retain_freed_memory
+
+    retain_freed_memory()  # as dpdm-train does
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experiment", default="mnist_eps10")
     p.add_argument("--examples", type=int, default=4, help="expected examples per DP-SGD step")

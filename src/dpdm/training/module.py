@@ -196,7 +196,7 @@ class DPDiffusionModule(pl.LightningModule):
 
     def on_train_epoch_end(self):
         eps = self.epsilon_spent()
-        self.log("privacy/epsilon", eps if self.plan.enabled else -1.0, prog_bar=self.plan.enabled)
+        self.log("privacy/epsilon", eps if self.plan.enabled else -1.0)  # the bar shows ε itself
         self.log("privacy/steps", float(self.steps_taken))
 
     # ---- sampling with the EMA weights -------------------------------------------------------------
