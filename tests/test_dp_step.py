@@ -116,3 +116,25 @@ def test_training_stops_at_the_last_step_within_budget():
     trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=2))
     assert module.steps_taken == 2 == len(module.recorded)
     assert module.epsilon_spent() > 0
+
+
+def test_bf16_mixed_step_clips_and_noises_in_fp32():
+    """trainer.precision=bf16-mixed: the forward runs under autocast, but the gradient handed to Adam
+    (clipped sum, noise, scaling) is fp32 and within bf16 rounding of the fp32 step (σ = 0)."""
+    den = tiny_denoiser(num_classes=3, dtype=torch.float32)
+    x = torch.rand((6, 1, 8, 8), generator=torch.Generator().manual_seed(5)) * 2 - 1
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    got = {}
+    for precision in ("32-true", "bf16-mixed"):
+        module = RecordingModule(net=copy.deepcopy(den.net), plan=_plan(0.0), preconditioning=den.precond,
+                                 label_dropout=0.3, max_physical_batch_size=4, seed=SEED, noise_seed=1)
+        module.recorded = []
+        trainer = pl.Trainer(max_steps=1, precision=precision, accelerator="cpu", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=len(x)))
+        got[precision] = module.recorded[0]
+    assert all(g.dtype == torch.float32 for g in got["bf16-mixed"])
+    err = torch.sqrt(sum((a - b).square().sum() for a, b in zip(got["bf16-mixed"], got["32-true"])))
+    ref = torch.sqrt(sum(b.square().sum() for b in got["32-true"]))
+    assert 0 < err / ref < 0.05, (err / ref).item()

@@ -167,13 +167,15 @@ class DPDiffusionModule(pl.LightningModule):
                     self.manual_backward(losses.mean() * (len(xc) / n))
                 total = total + losses.detach().sum()
             if j < len(bounds) - 1 and self.plan.enabled:
-                self.dp.optimizer.signal_skip_step(True)
-                self.dp.optimizer.step()
-                self.dp.optimizer.zero_grad()
-        self.before_dp_step()
-        opt.step()
-        self.after_dp_step()
-        opt.zero_grad()
+                with self._full_precision():
+                    self.dp.optimizer.signal_skip_step(True)
+                    self.dp.optimizer.step()
+                    self.dp.optimizer.zero_grad()
+        with self._full_precision():
+            self.before_dp_step()
+            opt.step()
+            self.after_dp_step()
+            opt.zero_grad()
         # After the step: steps_taken already counts it, so the rate uses the index of this step.
         update_ema(self.ema, self.denoiser,
                    ema_rate_at(self.steps_taken - 1, self.ema_rate, self.ema_warmup))
@@ -184,6 +186,11 @@ class DPDiffusionModule(pl.LightningModule):
         self.log("img/s", n * self.K / dt, prog_bar=True, on_step=True, on_epoch=False,
                  logger=False, batch_size=max(n, 1))
         return None
+
+    def _full_precision(self):
+        # Under bf16-mixed, Lightning runs training_step inside autocast, which would make Opacus'
+        # clipping sums, noise addition and Adam run in bf16: the DP step itself stays fp32.
+        return torch.autocast(self.device.type, enabled=False)
 
     # Extension points around the one real optimizer step of a logical batch, used by the privacy
     # canary audit (dpdm.privacy.canaries): before it, p.grad_sample holds the last chunk's per-example gradients
