@@ -76,9 +76,10 @@ def test_k_must_be_positive(engine):
 def test_unknown_engine_and_unsupported_layers_are_refused():
     with pytest.raises(ValueError, match="engine"):
         make_per_example_engine(tiny_denoiser().net, noise_multiplicity=1, engine="vmap")
-    net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2), torch.nn.LayerNorm(4))
-    with pytest.raises(ValueError, match="no per-example gradient rule"):
-        make_per_example_engine(net, noise_multiplicity=1, engine="fold")
+    for net in (torch.nn.Conv2d(4, 4, 3, groups=2), torch.nn.LayerNorm(4),
+                torch.nn.Embedding(5, 3, padding_idx=0), torch.nn.Conv2d(2, 2, 3, padding="same")):
+        with pytest.raises(ValueError, match="no per-example gradient rule"):
+            make_per_example_engine(net, noise_multiplicity=1, engine="fold")
 
 
 @pytest.mark.parametrize("engine", ["fold", "fold_unfold"])

@@ -64,10 +64,13 @@ class PerExampleGradients:
             if not own:
                 continue
             if not isinstance(sub, SUPPORTED) or (isinstance(sub, nn.Conv2d) and (
-                    sub.groups != 1 or isinstance(sub.padding, str) or sub.padding_mode != "zeros")):
+                    sub.groups != 1 or isinstance(sub.padding, str) or sub.padding_mode != "zeros")) or (
+                    isinstance(sub, nn.Embedding) and (sub.padding_idx is not None
+                                                       or sub.max_norm is not None)):
                 raise ValueError(f"Layer {name or type(sub).__name__} ({type(sub).__name__}) has "
                                  "parameters but no per-example gradient rule; use Conv2d (groups=1, numeric "
-                                 "zero padding), Linear, GroupNorm or Embedding.")
+                                 "zero padding), Linear, GroupNorm or Embedding (no padding_idx or "
+                                 "max_norm).")
             self._handles.append(sub.register_forward_hook(self._record))
 
     # ---- capture --------------------------------------------------------------------------------
@@ -224,8 +227,6 @@ def _fold(per_row: Tensor, B: int) -> Tensor:
 def _embedding(m: nn.Embedding, idx: Tensor, g: Tensor, B: int):
     if not m.weight.requires_grad:
         return
-    if m.padding_idx is not None or m.max_norm is not None:
-        raise ValueError("Embedding with padding_idx or max_norm has no per-example rule here")
     n, dim = m.num_embeddings, m.embedding_dim
     rows = idx.reshape(B, -1)
     # Flat index example·n + token: one scatter-add accumulates every row into its example's slice.
