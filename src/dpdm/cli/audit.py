@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir", default=None)
     c.add_argument("--seed", type=int, default=None,
                    help="fixes canaries, sampling and noise (default: OS entropy)")
+    c.add_argument("--score", choices=("llr", "sum"), default="llr",
+                   help="canary score: per-step likelihood ratio (most powerful) or plain sum")
     c.add_argument("--json", action="store_true")
 
     mem = sub.add_parser("memorization", help="nearest-training-image distances of samples vs held-out images")
@@ -75,7 +77,8 @@ def _canary(args) -> int:
     for eps in args.epsilon:
         cfg = CanaryAuditConfig(epsilon=eps, delta=args.delta, num_canaries=args.canaries,
                                 batch_size=args.batch_size, epochs=args.epochs,
-                                max_grad_norm=args.max_grad_norm, beta=args.beta, seed=args.seed)
+                                max_grad_norm=args.max_grad_norm, beta=args.beta, seed=args.seed,
+                                score=args.score)
         reports.append(run_canary_audit(cfg, images, labels))
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], sort_keys=True))
@@ -95,7 +98,9 @@ def _canary(args) -> int:
         print(f"{r.config.epsilon:>9g} {r.epsilon_spent:>8.4f} {r.noise_multiplier:>7.4f} {r.steps:>6d} "
               f"{r.canaries_included:>5d} {r.mean_times_sampled:>8.2f} {b.epsilon_lower_bound:>14.3f} "
               f"{1 - b.beta:>6.0%} {b.k:>5d} {f'{b.correct}/{b.guesses}':>10} {r.seconds:>5.0f}s")
-    print(f"guesses: 'in' for the k highest scores, 'out' for the k lowest; k tried {r0.bound.ks_tried}, "
+    print(f"score: {args.score} ({'Σ_t per-step log-likelihood ratio' if args.score == 'llr' else 'Σ_t B·g_t[c]'}"
+          "); guesses: 'in' for the k highest scores, 'out' for the k lowest; "
+          f"k tried {r0.bound.ks_tried}, "
           f"each at level β/{len(r0.bound.ks_tried)} (Bonferroni), best shown. 'sampled': mean batches per "
           "included canary.")
     return 0

@@ -5,8 +5,14 @@ of norm exactly C: the largest contribution clipping lets through, which clippin
 canary is in the training set with probability 1/2; an included canary joins each Poisson batch
 independently with rate q, like a real example, and its gradient row is appended to the real per-example
 gradients before Opacus clips and noises them. The auditor sees every privatized gradient (the white-box
-threat model that DP-SGD's accounting covers) and scores canary i by Σ_t B·grad_t[c_i]: about C per step
-in which it was sampled, plus N(0, σ²C²) per step.
+threat model that DP-SGD's accounting covers). Per step it observes o_t = B·grad_t[c_i]: C + N(0, σ²C²)
+in a step in which the canary was sampled, N(0, σ²C²) otherwise (plus the real examples' tiny share of
+that coordinate). Two scores are kept:
+  llr  Σ_t log[(1−q)·φ(o_t; 0, σC) + q·φ(o_t; C, σC)] / φ(o_t; 0, σC): the log-likelihood ratio of
+       "member" (sampled at rate q each step) against "non-member", step by step — by Neyman–Pearson the
+       most powerful per-step test of this mixture (default);
+  sum  Σ_t o_t, the plain sum (about qT·C apart), weaker when σ is small.
+Any score gives a valid lower bound; the choice only changes how tight it is.
 """
 from __future__ import annotations
 
@@ -24,6 +30,12 @@ from dpdm.training.module import DPDiffusionModule
 def os_seed() -> int:
     # 62 bits: callers add small offsets, and torch seeds must stay below 2**64.
     return int.from_bytes(os.urandom(8), "little") >> 2
+
+
+def step_log_likelihood_ratio(o: torch.Tensor, *, q: float, sigma: float, C: float) -> torch.Tensor:
+    """log[(1−q)·φ(o; 0, σC) + q·φ(o; C, σC)] − log φ(o; 0, σC), elementwise, computed stably."""
+    shift = (o - C / 2) / (sigma * sigma * C)  # log φ(o; C, σC) − log φ(o; 0, σC)
+    return torch.logaddexp(torch.full_like(o, math.log1p(-q)), math.log(q) + shift)
 
 
 def draw_canaries(num_params: int, m: int, *, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +61,8 @@ class CanaryAuditModule(DPDiffusionModule):
         # Poisson sampler's (OS entropy unless a seed is given).
         self._canary_gen = torch.Generator().manual_seed(canary_seed if canary_seed is not None else os_seed())
         m = len(self.canary_coords)
-        self.canary_scores = torch.zeros(m, dtype=torch.float64)
+        self.canary_scores = torch.zeros(m, dtype=torch.float64)  # Σ_t o_t
+        self.canary_llr = torch.zeros(m, dtype=torch.float64)     # Σ_t step log-likelihood ratio
         self.canary_counts = torch.zeros(m, dtype=torch.long)  # times each canary was in a batch
         self._layout: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -96,10 +109,13 @@ class CanaryAuditModule(DPDiffusionModule):
 
     def after_dp_step(self) -> None:
         scale = float(self.dp.optimizer.expected_batch_size)  # undo Opacus' division by it
+        kw = dict(q=self.plan.sample_rate, sigma=self.plan.noise_multiplier, C=self.plan.max_grad_norm)
         for p, (ids, offsets) in zip(self._params(), self._canary_layout()):
             if len(ids):
-                g = p.grad.detach().flatten()[offsets.to(p.grad.device)]
-                self.canary_scores[ids] += g.double().cpu() * scale
+                o = p.grad.detach().flatten()[offsets.to(p.grad.device)].double().cpu() * scale
+                self.canary_scores[ids] += o
+                if 0 < kw["q"] < 1 and kw["sigma"] > 0:  # else no Gaussian mixture to test (σ=0 tests)
+                    self.canary_llr[ids] += step_log_likelihood_ratio(o, **kw)
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,7 @@ class CanaryAuditConfig:
     accountant: str = "rdp"
     beta: float = 0.05
     seed: int | None = None     # None: canaries, sampling and noise from OS entropy
+    score: str = "llr"          # llr (per-step likelihood ratio) or sum (plain sum of observations)
 
 
 @dataclass(frozen=True)
@@ -155,6 +172,8 @@ def run_canary_audit(config: CanaryAuditConfig, images: torch.Tensor, labels: to
     from dpdm.data.datamodule import UInt8ImageDataset, batch_passthrough
     from dpdm.training.privacy_plan import make_privacy_plan
 
+    if config.score not in ("llr", "sum"):
+        raise ValueError(f"score must be 'llr' or 'sum', got {config.score!r}")
     t0 = time.perf_counter()
     seed = config.seed
     seeds = [os_seed() if seed is None else seed + i for i in range(6)]
@@ -189,8 +208,8 @@ def run_canary_audit(config: CanaryAuditConfig, images: torch.Tensor, labels: to
     finally:
         torch.set_num_threads(threads)
     inc = module.canary_included
-    bound = bound_from_scores(module.canary_scores.numpy(), inc.numpy(), delta=config.delta,
-                              beta=config.beta)
+    scores = module.canary_llr if config.score == "llr" else module.canary_scores
+    bound = bound_from_scores(scores.numpy(), inc.numpy(), delta=config.delta, beta=config.beta)
     return CanaryAuditReport(
         config=config, num_real=n_real, canaries_included=int(inc.sum()), dataset_size_nominal=nominal,
         dataset_size_realised=n_real + int(inc.sum()), sample_rate=plan.sample_rate,
