@@ -65,6 +65,7 @@ def test_sample_cli_writes_npz_and_grid(smoke_run):
     assert data["x"].dtype == np.uint8 and data["x"].shape == (20, 1, 28, 28)
     assert data["y"].dtype == np.int64 and sorted(set(data["y"].tolist())) == list(range(10))
     assert data["x"].std() > 0
+    assert str(data["dataset"]) == "mnist"  # the training data's name, from the checkpoint
     assert (out / "grid.png").is_file()
     # A second run refuses to overwrite the earlier result.
     again = _run([str(BIN / "dpdm-sample"), f"ckpt={smoke_run / 'checkpoints/last.ckpt'}", "n=5",

@@ -56,7 +56,7 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
 
     from dpdm.cli.sample import draw_samples
     from dpdm.evaluation import draw_synthetic_set
-    from dpdm.training.checkpoint import load_checkpoint, load_ema_denoiser
+    from dpdm.training.checkpoint import checkpoint_dataset, load_checkpoint, load_ema_denoiser
 
     ckpt = load_checkpoint(path)
     denoiser = load_ema_denoiser(ckpt).to(device)
@@ -78,7 +78,7 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
     samples, val = draw_synthetic_set(sample_fn, num_samples=int(cfg.num_samples), num_held_out=held_out,
                                       num_classes=num_classes, seed=int(cfg.seed), batch_size=total)
     log.info("drew %d + %d samples in %.0fs", len(samples), 0 if val is None else len(val), time.time() - t0)
-    dataset = (ckpt["dpdm"].get("build_config") or {}).get("data", {}).get("name")
+    dataset = checkpoint_dataset(ckpt)
     if cfg.save_samples:
         x = samples.images if val is None else torch.cat([samples.images, val.images])
         y = samples.labels if val is None else torch.cat([samples.labels, val.labels])
@@ -107,7 +107,7 @@ def _privacy_of(ckpt: dict) -> dict:
 
 def run_evaluation(cfg: DictConfig) -> dict:
     from dpdm.evaluation import EvalSettings, Evaluator, samples_from_npz
-    from dpdm.training.callbacks import write_json_atomic
+    from dpdm.utils.jsonio import write_json_atomic
 
     path = Path(cfg.input).expanduser()
     if not path.is_file():

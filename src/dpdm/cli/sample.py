@@ -38,12 +38,11 @@ def class_labels_for(classes, n: int, num_classes: int) -> torch.Tensor | None:
 def draw_samples(denoiser, *, n: int, labels, seed: int, sampler_cfg, batch_size: int,
                  image_shape, device) -> torch.Tensor:
     """n uint8 samples; sample i uses seed + i for its latent and its sampling noise."""
-    from omegaconf import DictConfig, OmegaConf
-
     from dpdm.diffusion.samplers import latents_from_seeds, run_sampler
+    from dpdm.utils.configs import to_plain
     from dpdm.utils.images import to_uint8
 
-    spec = OmegaConf.to_container(sampler_cfg) if isinstance(sampler_cfg, DictConfig) else dict(sampler_cfg)
+    spec = dict(to_plain(sampler_cfg))
     out = []
     for start in range(0, n, batch_size):
         seeds = list(range(seed + start, seed + min(n, start + batch_size)))
@@ -56,7 +55,7 @@ def draw_samples(denoiser, *, n: int, labels, seed: int, sampler_cfg, batch_size
 
 
 def run_sampling(cfg: DictConfig) -> Path:
-    from dpdm.training.checkpoint import load_checkpoint, load_ema_denoiser
+    from dpdm.training.checkpoint import checkpoint_dataset, load_checkpoint, load_ema_denoiser
     from dpdm.utils.images import save_image_grid
 
     if cfg.n < 1:
@@ -76,7 +75,10 @@ def run_sampling(cfg: DictConfig) -> Path:
     y = labels if labels is not None else torch.full((cfg.n,), -1)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "samples.tmp.npz"
-    np.savez_compressed(tmp, x=x.numpy(), y=y.numpy().astype(np.int64))
+    # The dataset's name travels with the samples, so dpdm-evaluate and dpdm-audit memorization know
+    # which real data to compare with.
+    np.savez_compressed(tmp, x=x.numpy(), y=y.numpy().astype(np.int64),
+                        dataset=np.array(checkpoint_dataset(ckpt) or ""))
     os.replace(tmp, target)
     order = torch.argsort(y, stable=True)[: min(cfg.n, 100)]
     save_image_grid(x[order], out / "grid.png", nrow=10)

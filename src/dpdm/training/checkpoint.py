@@ -29,6 +29,11 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def checkpoint_dataset(ckpt: dict) -> str | None:
+    """The training dataset's name (data.name) stored with a dpdm-train checkpoint, if any."""
+    return (ckpt["dpdm"].get("build_config") or {}).get("data", {}).get("name")
+
+
 def load_ema_denoiser(ckpt: dict) -> Denoiser:
     """The EMA denoiser of a training checkpoint, rebuilt from the config stored with it."""
     cfg = ckpt["dpdm"].get("build_config")
