@@ -81,9 +81,7 @@ def make_step(variant: str, den: Denoiser, *, B: int, K: int, device, precision:
     """A closure running one full training step (noise draw, loss, backward, optimizer step)."""
     from contextlib import nullcontext
 
-    from opacus.optimizers import DPOptimizer
-
-    from dpdm.privacy.engine import make_per_example_engine
+    from dpdm.privacy.engine import make_dp_components
 
     # bf16: autocast around the forward, as Lightning's bf16-mixed; weights, clipping, noise stay fp32.
     amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16"
@@ -122,8 +120,10 @@ def make_step(variant: str, den: Denoiser, *, B: int, K: int, device, precision:
             opt.zero_grad()
         return step
 
-    engine = make_per_example_engine(den.net, noise_multiplicity=K, engine=ENGINE_OF[variant])
-    opt = DPOptimizer(adam, **dp_kw)
+    # dpdm's own assembly, as dpdm-train builds it (engine + DPOptimizer + accountant hook).
+    dp = make_dp_components(den.net, adam, noise_multiplier=SIGMA, max_grad_norm=C, expected_batch_size=B,
+                            sample_rate=0.01, noise_multiplicity=K, engine=ENGINE_OF[variant], noise_seed=2)
+    engine, opt = dp.per_example, dp.optimizer
 
     def step():
         with engine.capture(), amp():

@@ -7,7 +7,6 @@ optimizer's step hook, called only on real, non-skipped steps).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +18,13 @@ from torch import nn
 from dpdm.privacy.accounting import _check_accountant
 from dpdm.privacy.noise_multiplicity import NoiseMultiplicityGradSampleHooks
 from dpdm.privacy.per_example_grads import PerExampleGradients
+from dpdm.utils.seeds import os_seed
 
 # How per-example gradients are computed (docs/performance.md has the measurements behind the default):
 #   fold          dpdm's engine: output-gradient-only backward + one contraction per layer, conv weight
 #                 gradients from a B-group convolution backward (default)
-#   fold_unfold   the same engine, conv weight gradients by im2col + bmm (5x slower on CPU)
+#   fold_unfold   the same engine, conv weight gradients by im2col + bmm (slower on CPU:
+#                 docs/performance.md)
 #   opacus        stock Opacus grad-sample hooks, the K rows of an example summed layer by layer
 ENGINES = ("fold", "fold_unfold", "opacus")
 
@@ -45,21 +46,25 @@ def validate_for_dp(module: nn.Module) -> None:
                          "Use GroupNorm instead of BatchNorm and only Opacus-supported layers.")
 
 
+def check_engine(name: str) -> str:
+    if name not in ENGINES:
+        raise ValueError(f"dp_engine must be one of {ENGINES}, got {name!r}")
+    return name
+
+
 def make_per_example_engine(module: nn.Module, *, noise_multiplicity: int, engine: str = "fold"):
     """The object whose `capture()` / `backward(per_example_losses)` fill p.grad_sample."""
-    if engine == "opacus":
+    if check_engine(engine) == "opacus":
         return NoiseMultiplicityGradSampleHooks(module, noise_multiplicity=noise_multiplicity)
-    if engine in ("fold", "fold_unfold"):
-        return PerExampleGradients(module, noise_multiplicity=noise_multiplicity,
-                                   conv_method="unfold" if engine == "fold_unfold" else "grouped")
-    raise ValueError(f"privacy.engine must be one of {ENGINES}, got {engine!r}")
+    return PerExampleGradients(module, noise_multiplicity=noise_multiplicity,
+                               conv_method="unfold" if engine == "fold_unfold" else "grouped")
 
 
 def make_dp_components(module: nn.Module, optimizer: torch.optim.Optimizer, *,
                        noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
                        sample_rate: float, noise_multiplicity: int, accountant: str = "rdp",
                        secure_mode: bool = False, noise_seed: int | None = None,
-                       engine: str = "fold", world_size: int | None = None) -> DPComponents:
+                       engine: str = "fold") -> DPComponents:
     validate_for_dp(module)
     per_example = make_per_example_engine(module, noise_multiplicity=noise_multiplicity, engine=engine)
     # The noise must be unpredictable to the adversary: by default its generator is seeded from OS
@@ -67,12 +72,12 @@ def make_dp_components(module: nn.Module, optimizer: torch.optim.Optimizer, *,
     # knows the seed. secure_mode additionally makes Opacus draw each coordinate as a sum of Gaussians,
     # against floating-point attacks on the Gaussian sampler.
     gen = torch.Generator(device=next(module.parameters()).device)
-    gen.manual_seed(noise_seed if noise_seed is not None else int.from_bytes(os.urandom(8), "little"))
-    # Data-parallel DP-SGD (trainer=ddp, world_size W > 1; None = torch.distributed's world size):
+    gen.manual_seed(noise_seed if noise_seed is not None else os_seed())
+    # Data-parallel DP-SGD (trainer=ddp, torch.distributed's world size W > 1):
     # Opacus' DistributedDPOptimizer. Every rank clips its own examples, rank 0 alone adds the noise,
     # each rank divides by the per-rank expected batch size B/W, and the all-reduce averages over the W
     # ranks: the update is (Σ clipped gradients of all ranks + one N(0, σ²C²)) / B, as in one process.
-    world_size = _world_size() if world_size is None else int(world_size)
+    world_size = _world_size()
     opt_cls, per_rank_batch = ((DistributedDPOptimizer, expected_batch_size / world_size)
                                if world_size > 1 else (DPOptimizer, expected_batch_size))
     dp_opt = opt_cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
