@@ -20,9 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dpdm.diffusion.loss import TrainingNoise, denoising_loss_per_example, draw_training_noise
-from dpdm.training.module import DPDiffusionModule
 from dpdm.training.privacy_plan import PrivacyPlan
-from tests.helpers import tiny_denoiser
+from tests.helpers import RecordingModule, tiny_denoiser
 
 K, C, E, N = 2, 0.05, 8, 100  # noise multiplicity, clip norm, expected batch size B, dataset size
 SIGMA = 1.3
@@ -48,13 +47,12 @@ def example_seed(x: torch.Tensor) -> int:
     return int.from_bytes(hashlib.sha256(x.contiguous().numpy().tobytes()).digest()[:7], "little")
 
 
-class KeyedNoiseModule(DPDiffusionModule):
+class KeyedNoiseModule(RecordingModule):
     """The real module; diffusion noise keyed by example; records what reaches Adam and how often
     gradients are all-reduced in each training step."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self.recorded: list = []        # per real step: the gradient Adam receives (after all DP work)
         self.chunk_sizes: list = []     # per forward: number of examples
         self.all_reduces: list = []     # per training_step: torch.distributed.all_reduce calls
         self.wrapper_type = self.optimizer_type = None
@@ -70,18 +68,6 @@ class KeyedNoiseModule(DPDiffusionModule):
                            noise=torch.cat([p.noise for p in parts]),
                            class_labels=torch.cat([p.class_labels for p in parts]))
         return denoising_loss_per_example(self.denoiser, x, tn, pixel_reduction=self.pixel_reduction)
-
-    def configure_optimizers(self):
-        opt = super().configure_optimizers()
-        inner = self.dp.optimizer.original_optimizer
-        real_step = inner.step
-
-        def step(*args, **kwargs):
-            self.recorded.append([p.grad.detach().clone() for p in self.denoiser.parameters()])
-            return real_step(*args, **kwargs)
-
-        inner.step = step
-        return opt
 
     def on_train_start(self):
         super().on_train_start()

@@ -13,29 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dpdm.diffusion.loss import denoising_loss_per_example, draw_training_noise
 from dpdm.privacy.engine import ENGINES
-from dpdm.training.module import DPDiffusionModule
 from dpdm.training.privacy_plan import PrivacyPlan
-from tests.helpers import tiny_denoiser
+from tests.helpers import RecordingModule, tiny_denoiser
 
 K, C, E, SEED = 3, 0.05, 8, 0
-
-
-class RecordingModule(DPDiffusionModule):
-    """Records the gradient that reaches the wrapped Adam (after clipping, noise and scaling)."""
-
-    recorded: list
-
-    def configure_optimizers(self):
-        opt = super().configure_optimizers()
-        inner = self.dp.optimizer.original_optimizer
-        real_step = inner.step
-
-        def step(*args, **kwargs):
-            self.recorded.append([p.grad.detach().clone() for p in self.denoiser.parameters()])
-            return real_step(*args, **kwargs)
-
-        inner.step = step
-        return opt
 
 
 def _plan(sigma: float) -> PrivacyPlan:

@@ -112,6 +112,7 @@ def _memorization(args) -> int:
     from dpdm.data.acquire import load_split
     from dpdm.evaluation.memorization import memorization_report
     from dpdm.evaluation.synthetic import samples_from_npz
+    from dpdm.utils.jsonio import write_json_atomic
 
     if not args.samples.is_file():
         raise FileNotFoundError(f"{args.samples} does not exist; pass a samples.npz written by dpdm-sample")
@@ -131,7 +132,7 @@ def _memorization(args) -> int:
     out = {"samples": str(args.samples), "dataset": dataset, **report.to_dict()}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+        write_json_atomic(args.out, out)
     if args.json:
         print(json.dumps(out, sort_keys=True))
         return 0

@@ -13,7 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from dpdm.cli.errors import exit_on_user_error
 
+
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     from dpdm.experiments.sweeps import collect, to_markdown, write_csv
 
@@ -21,11 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", help="sweep dirs (multirun/<date>/<time>) or run dirs")
     parser.add_argument("--out", help="directory for report.md and report.csv (default: the first path)")
     args = parser.parse_args(argv)
-    try:
-        rows = collect(args.paths)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rows = collect(args.paths)  # a missing path: FileNotFoundError → one message, exit 2
     if not rows:
         print(f"error: no dpdm-train run dirs under {', '.join(args.paths)} (a run dir holds "
               ".hydra/overrides.yaml or privacy.json)", file=sys.stderr)

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from dpdm.cli.errors import exit_on_user_error
 from dpdm.experiments.reproduce import (H200_REFERENCE_IMAGES_PER_S, H200_REFERENCE_SOURCE, RECIPES, Recipe,
                                         format_duration, hardware, load_state, render_results, run_cost,
                                         run_dir, save_state, stage_done, stages, stored_throughput,
@@ -41,7 +42,7 @@ def _console(name: str) -> list[str]:
 def _selected(recipe: Recipe, epsilons: list[float] | None):
     runs = [r for r in recipe.runs if not epsilons or r.epsilon in epsilons]
     if not runs:
-        raise SystemExit(f"error: no run of {recipe.name} has ε in {epsilons}; "
+        raise ValueError(f"no run of {recipe.name} has ε in {epsilons}; "
                          f"choose from {[r.epsilon for r in recipe.runs]}")
     return runs
 
@@ -121,6 +122,7 @@ def run_stage(stage, state: dict, *, env: dict, log_dir: Path) -> int:
     return rc
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpdm-reproduce", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)

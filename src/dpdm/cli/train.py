@@ -1,7 +1,6 @@
 """dpdm-train: the Hydra main. Composes data, network, denoiser, noise levels, privacy and trainer."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -93,7 +92,8 @@ def run_training(cfg: DictConfig) -> dict:
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     t0 = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
-    from dpdm.training.callbacks import privacy_report, write_json_atomic
+    from dpdm.training.callbacks import privacy_report
+    from dpdm.utils.jsonio import write_json_atomic
 
     summary = {
         "privacy": privacy_report(module),
@@ -132,7 +132,7 @@ def check_run_dir(out: Path, ckpt_path) -> None:
 
 def check_resume(ckpt_path, plan) -> None:
     """Before fit: the checkpoint is readable, has the same mechanism, and has budget/steps left."""
-    from dpdm.privacy.accounting import epsilon_spent
+    from dpdm.privacy.accounting import epsilon_from_history
     from dpdm.training.checkpoint import load_checkpoint
     from dpdm.training.module import budget_exhausted, check_same_mechanism
 
@@ -140,10 +140,10 @@ def check_resume(ckpt_path, plan) -> None:
     state = ckpt["dpdm"]
     check_same_mechanism(state["plan"], plan.to_dict())
     if plan.enabled:
-        steps = sum(int(n) for _, _, n in (state.get("accountant") or {}).get("history", []))
+        history = (state.get("accountant") or {}).get("history", [])
+        steps = sum(int(n) for _, _, n in history)
         if steps >= plan.max_steps:
-            eps = epsilon_spent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                                steps=steps, delta=plan.delta, accountant=plan.accountant)
+            eps = epsilon_from_history(history, delta=plan.delta, accountant=plan.accountant)
             raise budget_exhausted(plan, steps, eps)
     else:
         steps = int(ckpt.get("global_step", 0))

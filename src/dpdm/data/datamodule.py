@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +12,7 @@ from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dpdm.data.acquire import dataset_info, load_split
-from dpdm.utils.seeds import derived_seed
+from dpdm.utils.seeds import derived_seed, os_seed
 
 __all__ = ["ImageDataModule", "UInt8ImageDataset", "batch_passthrough"]
 
@@ -97,7 +96,7 @@ class ImageDataModule(pl.LightningDataModule):
         # which batch: the Poisson sampler is seeded from OS entropy unless sampler_seed is given (for
         # reproducible runs, which void the guarantee against whoever knows that seed).
         if sampler_seed is None:
-            sampler_seed = int.from_bytes(os.urandom(8), "little")
+            sampler_seed = os_seed()
         self.sampler_generator = torch.Generator().manual_seed(int(sampler_seed))
         self.train_set: UInt8ImageDataset | None = None
         self.test_set: UInt8ImageDataset | None = None

@@ -39,13 +39,13 @@ def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, *, k: int 
     out = []
     for qs in range(0, queries.shape[0], query_chunk):
         q = _flat01(queries[qs:qs + query_chunk])
-        best = torch.full((q.shape[0], 0), float("inf"), dtype=torch.float64)
+        best = torch.empty((q.shape[0], 0), dtype=torch.float64)
         for rs in range(0, reference.shape[0], reference_chunk):
             d = torch.cdist(q, _flat01(reference[rs:rs + reference_chunk]))
             best = torch.cat([best, d], dim=1).topk(min(k, best.shape[1] + d.shape[1]), dim=1,
                                                      largest=False).values
         out.append(best)
-    return torch.cat(out).sort(dim=1).values
+    return torch.cat(out)  # topk(largest=False) already sorts ascending
 
 
 def _quantiles(x: np.ndarray) -> dict[str, float]:
@@ -69,8 +69,11 @@ class MemorizationReport:
 
 
 def memorization_report(samples: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor) -> MemorizationReport:
-    ds = nearest_distances(samples, train).numpy()
-    dh = nearest_distances(heldout, train).numpy()
+    if samples.dtype != heldout.dtype:
+        raise ValueError(f"samples ({samples.dtype}) and held-out images ({heldout.dtype}) must share a dtype")
+    # One pass over the (large) training set for both query sets.
+    d = nearest_distances(torch.cat([samples, heldout]), train).numpy()
+    ds, dh = d[:len(samples)], d[len(samples):]
     threshold = float(np.quantile(dh[:, 0], 0.01))
     ratio = lambda d: np.divide(d[:, 0], d[:, 1], out=np.zeros(len(d)), where=d[:, 1] > 0)
     return MemorizationReport(

@@ -26,6 +26,7 @@ from typing import Any
 
 from dpdm.experiments.paper import headline
 from dpdm.experiments.sweeps import NO_INCEPTION, fid_note
+from dpdm.utils.jsonio import read_json, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[3]
 ACC_SAMPLES = 70_000   # dpdm-evaluate splits off 10,000 (stratified) for model selection: 60,000 train
@@ -211,18 +212,12 @@ def state_path(d: Path) -> Path:
 
 
 def load_state(d: Path) -> dict:
-    try:
-        return json.loads(state_path(d).read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(state_path(d)) or {}
 
 
 def save_state(d: Path, state: dict) -> None:
-    path = state_path(d)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))  # stages in the order they ran
-    os.replace(tmp, path)
+    state_path(d).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(state_path(d), state, sort_keys=False)  # stages in the order they ran
 
 
 def stage_done(stage: Stage, state: dict) -> bool:
@@ -233,19 +228,12 @@ def stage_done(stage: Stage, state: dict) -> bool:
 
 # ---- the results page ----------------------------------------------------------------------------------
 
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def collect_run(run: RunSpec, runs_root: Path) -> dict[str, Any]:
     d = run_dir(runs_root, run)
-    acc = _read(d / "samples_accuracy" / "eval.json")
-    fid = _read(d / "samples_fid" / "eval.json") if run.fid_stage else acc
-    return {"spec": run, "dir": d, "state": load_state(d), "privacy": _read(d / "privacy.json"),
-            "summary": _read(d / "summary.json"), "acc": acc, "fid": fid}
+    acc = read_json(d / "samples_accuracy" / "eval.json")
+    fid = read_json(d / "samples_fid" / "eval.json") if run.fid_stage else acc
+    return {"spec": run, "dir": d, "state": load_state(d), "privacy": read_json(d / "privacy.json"),
+            "summary": read_json(d / "summary.json"), "acc": acc, "fid": fid}
 
 
 def _pct(result: dict | None, key: str) -> str | None:

@@ -9,10 +9,11 @@ K, steps), `summary.json` (final loss, wall time; its absence means the job did 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
+
+from dpdm.utils.jsonio import read_json
 
 # One row per run; the CSV has these columns in this order. Accuracies are percentages.
 COLUMNS = ["job", "status", "dataset", "overrides", "epsilon_target", "epsilon_spent", "delta", "noise_multiplicity",
@@ -45,13 +46,6 @@ def find_runs(root: str | Path) -> list[Path]:
 def _natural_key(path: Path, root: Path):
     rel = path.relative_to(root).parts
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in rel]
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _overrides(run: Path) -> list[str]:
@@ -104,7 +98,7 @@ def eval_metrics(files: list[Path]) -> tuple[dict[str, float], str | None]:
     metrics: dict[str, float] = {}
     note = None
     for path in files:
-        result = _read_json(path) or {}
+        result = read_json(path) or {}
         for k, v in (result.get("metrics") or {}).items():
             metrics.setdefault(k, v)
         note = note or fid_note(result.get("unavailable") or {})
@@ -115,8 +109,8 @@ def eval_metrics(files: list[Path]) -> tuple[dict[str, float], str | None]:
 
 def collect_run(run: Path, root: Path | None = None) -> dict[str, Any]:
     run = Path(run)
-    privacy = _read_json(run / "privacy.json") or {}
-    summary = _read_json(run / "summary.json")
+    privacy = read_json(run / "privacy.json") or {}
+    summary = read_json(run / "summary.json")
     if summary is not None:
         status = "done"
     elif (run / "checkpoints" / "last.ckpt").is_file():
@@ -170,7 +164,7 @@ def collect(paths: list[str | Path]) -> list[dict[str, Any]]:
     for root in map(Path, paths):
         rows += [collect_run(run, root) for run in find_runs(root)]
     if len(rows) > 1:
-        common = set.intersection(*(set(r["all_overrides"].split()) for r in rows))
+        common = set(common_overrides(rows))
         for r in rows:
             r["overrides"] = " ".join(o for o in r["all_overrides"].split() if o not in common)
     return rows

@@ -24,11 +24,7 @@ def _check_accountant(name: str) -> str:
 def epsilon_spent(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                   accountant: str = "rdp") -> float:
     """ε after `steps` Poisson-subsampled Gaussian steps with rate q and noise multiplier σ."""
-    if steps == 0:
-        return 0.0
-    acc = create_accountant(mechanism=_check_accountant(accountant))
-    acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    return accountant_epsilon(acc, delta)
+    return epsilon_from_history([(noise_multiplier, sample_rate, steps)], delta=delta, accountant=accountant)
 
 
 def accountant_epsilon(acc: IAccountant, delta: float) -> float:

@@ -17,7 +17,6 @@ Any score gives a valid lower bound; the choice only changes how tight it is.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -25,11 +24,7 @@ import torch
 
 from dpdm.privacy.audit import AuditBound, bound_from_scores
 from dpdm.training.module import DPDiffusionModule
-
-
-def os_seed() -> int:
-    # 62 bits: callers add small offsets, and torch seeds must stay below 2**64.
-    return int.from_bytes(os.urandom(8), "little") >> 2
+from dpdm.utils.seeds import os_seed
 
 
 def step_log_likelihood_ratio(o: torch.Tensor, *, q: float, sigma: float, C: float) -> torch.Tensor:

@@ -109,18 +109,18 @@ class PerExampleGradients:
             if p.requires_grad:
                 p.grad_sample = None
         for rec, g in zip(records, grads):
-            if g is None:  # the output did not reach the loss: its weights get zero gradient
-                g = torch.zeros_like(rec.output)
             if rec.activation.shape[0] != B * self.noise_multiplicity:
                 raise RuntimeError(
                     f"{type(rec.module).__name__} saw {rec.activation.shape[0]} rows, not B·K = "
                     f"{B * self.noise_multiplicity} (B={B} examples, K={self.noise_multiplicity}): the "
                     "network must see B·K rows, a multiple of K, example-major")
+            if g is None:  # the output did not reach the loss: zero gradient (filled in below)
+                continue
             for p, gs in _layer_grad_samples(rec.module, rec.activation, g, B, self.conv_method):
                 gs = gs.to(p.dtype)
                 p.grad_sample = gs if p.grad_sample is None else p.grad_sample + gs
         for p in self.module.parameters():
-            if p.requires_grad and p.grad_sample is None:  # layer never called in this forward
+            if p.requires_grad and p.grad_sample is None:  # layer not called, or not reaching the loss
                 p.grad_sample = torch.zeros((B, *p.shape), dtype=p.dtype, device=p.device)
 
 

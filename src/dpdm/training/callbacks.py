@@ -1,10 +1,9 @@
 """Lightning callbacks: privacy ledger (privacy.json, ε per epoch), sample grids, the DP progress bar."""
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
+from collections import deque
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -12,22 +11,9 @@ import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
+from dpdm.utils.configs import to_plain
 from dpdm.utils.images import save_image_grid, to_uint8
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable))
-    os.replace(tmp, path)
-
-
-def _jsonable(v):
-    if isinstance(v, float) and math.isinf(v):
-        return None
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    raise TypeError(f"not JSON serializable: {type(v)}")
+from dpdm.utils.jsonio import write_json_atomic
 
 
 def privacy_report(module) -> dict:
@@ -72,7 +58,7 @@ class SampleGrid(pl.Callback):
                  num_steps: int | None = 18, guidance: float | None = None, sampler=None):
         self.dir = Path(output_dir) / "samples"
         self.every, self.per_class = every_n_epochs, per_class
-        self.sampler = _plain_dict(sampler)
+        self.sampler = dict(to_plain(sampler) or {})
         overrides = {"num_steps": num_steps, "guidance": guidance}
         self.sampler.update({k: v for k, v in overrides.items() if v is not None})
 
@@ -93,15 +79,6 @@ class SampleGrid(pl.Callback):
                 logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
 
 
-def _plain_dict(cfg) -> dict:
-    """A sampler config (DictConfig from Hydra, a dict, or None) as a plain dict."""
-    if cfg is None:
-        return {}
-    from omegaconf import DictConfig, OmegaConf
-
-    return dict(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
 class DPProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar plus what a DP run needs at a glance: noised images/s, ε spent so far and
     the ETA of the whole run (not just the epoch), from the mean duration of the recent steps."""
@@ -110,8 +87,8 @@ class DPProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate)
         # One RDP ε evaluation takes ~0.1 s on a CPU: on a time budget, not per step, so fast GPU steps
         # do not pay for the bar.
-        self.eps_every_s, self.window = epsilon_every_s, window
-        self._step_times: list[float] = []
+        self.eps_every_s = epsilon_every_s
+        self._step_times: deque[float] = deque(maxlen=window)
         self._last: float | None = None
         self._eps: tuple[float, float] | None = None  # (time, ε), recomputed every eps_every_s
         self.eta_s: float | None = None
@@ -119,7 +96,7 @@ class DPProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now = time.perf_counter()
         if self._last is not None:
-            self._step_times = (self._step_times + [now - self._last])[-self.window:]
+            self._step_times.append(now - self._last)
         self._last = now
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 

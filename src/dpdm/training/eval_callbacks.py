@@ -12,27 +12,18 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
 from dpdm.evaluation import EvalSettings, Evaluator, draw_synthetic_set
-from dpdm.training.callbacks import write_json_atomic
+from dpdm.utils.configs import to_plain
+from dpdm.utils.jsonio import write_json_atomic
 from dpdm.utils.images import to_uint8
 
 __all__ = ["SyntheticDataEvaluation"]
 
 log = logging.getLogger("dpdm.train")
-
-
-def _plain(cfg: Any) -> Any:
-    """Hydra passes nested configs as DictConfig; the evaluation code takes plain containers."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(cfg, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
 
 
 class SyntheticDataEvaluation(pl.Callback):
@@ -48,10 +39,10 @@ class SyntheticDataEvaluation(pl.Callback):
         self.name, self.every, self.at_end = name, every_n_epochs, at_end
         self.num_samples, self.seed, self.batch_size = num_samples, seed, sample_batch_size
         # The run's sampler= config; `num_steps`, when set, overrides its step count (cheaper evaluations).
-        self.sampler = dict(_plain(sampler) or {})
+        self.sampler = dict(to_plain(sampler) or {})
         if num_steps is not None:
             self.sampler["num_steps"] = int(num_steps)
-        self.settings = EvalSettings.from_dict(_plain(evaluation))
+        self.settings = EvalSettings.from_dict(to_plain(evaluation))
         self.dataset, self.data_dir = dataset, data_dir
         self._evaluator: Evaluator | None = None
         self._last_step: int | None = None

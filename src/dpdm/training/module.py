@@ -19,7 +19,7 @@ from dpdm.diffusion.noise_levels import LogNormalSigma
 from dpdm.diffusion.preconditioning import Denoiser, EDMPreconditioning
 from dpdm.diffusion.samplers import latents_from_seeds, run_sampler
 from dpdm.privacy.accounting import accountant_epsilon
-from dpdm.privacy.engine import ENGINES, DPComponents, make_dp_components
+from dpdm.privacy.engine import DPComponents, check_engine, make_dp_components
 from dpdm.privacy.noise_multiplicity import set_empty_grad_samples
 from dpdm.training.ema import ema_rate_at, make_ema_copy, update_ema
 from dpdm.training.privacy_plan import PrivacyPlan
@@ -72,9 +72,7 @@ class DPDiffusionModule(pl.LightningModule):
         self.ema_rate, self.ema_warmup = ema_rate, ema_warmup
         self.max_physical = max_physical_batch_size
         self.secure_mode, self.seed, self.noise_seed = secure_mode, seed, noise_seed
-        if dp_engine not in ENGINES:
-            raise ValueError(f"dp_engine must be one of {ENGINES}, got {dp_engine!r}")
-        self.dp_engine = dp_engine
+        self.dp_engine = check_engine(dp_engine)
         self.dp: DPComponents | None = None
         self._restored: dict | None = None
         self._diffusion_gen: torch.Generator | None = None

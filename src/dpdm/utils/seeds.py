@@ -1,7 +1,18 @@
-"""Independent random streams derived from one seed (per rank of a data-parallel run)."""
+"""Seeds: from OS entropy (what the privacy guarantee needs), and independent streams derived from one
+seed (per rank of a data-parallel run)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+
+def os_seed() -> int:
+    """A 62-bit seed from OS entropy, unpredictable to an adversary (the DP noise, the Poisson sampler).
+
+    62 bits: callers may add small offsets, and torch seeds must stay below 2**64.
+    """
+    return int.from_bytes(os.urandom(8), "little") >> 2
 
 
 def derived_seed(*entropy: int) -> int:
