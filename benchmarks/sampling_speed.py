@@ -1,33 +1,47 @@
-"""Sampling speed: samples per second for each sampler at its paper step count, on the paper's MNIST net.
+"""Sampling speed: network evaluations per second in each execution mode, beside the DP training rate.
 
-    python benchmarks/sampling_speed.py                        # CPU or GPU, whatever is there
-    python benchmarks/sampling_speed.py --batch 1024 --full    # run every step instead of extrapolating
+    python benchmarks/sampling_speed.py --net ddpmpp_tiny          # CPU: modes vs DP training, per sampler
+    python benchmarks/sampling_speed.py --net ddpmpp_mnist --batch 1024 --modes eager,fast,compiled  # GPU
 
-Weights are random (speed does not depend on them). Every sampler's cost is linear in its network
-evaluations (NFE), so by default each sampler runs a short grid of `--measure-steps` steps after a
-warm-up (fastest of `--repeats` runs), and the time per NFE is extrapolated to the full step count;
-`--full` runs the whole grid.
-Guidance w ≠ 0 doubles the batch the network sees (`--guidance`).
+Weights are random (speed does not depend on them). Two tables:
+
+1. **Modes**, on one batch at a mid-range σ: images per second through the denoiser forward (one
+   network evaluation, NFE, per image) for
+     eager      float32, NCHW, torch.no_grad (how dpdm sampled before dpdm.diffusion.inference)
+     fast       channels-last + inference mode (what dpdm-sample and dpdm-evaluate do by default)
+     compiled   fast + torch.compile of the network (`compile=true`)
+   beside the DP *training* rate of the same network: noised images per second through dpdm's DP step
+   (forward, per-example backward, clipping, noise, Adam; dp_engine=fold, K=1), so "×training" says how
+   many images can be sampled per NFE in the time one image is trained on.
+2. **Samplers** (fast mode): samples per second for each sampler preset at its step count, from the
+   measured time per NFE (each sampler's cost is linear in its NFE; `--full` runs the whole grid).
+Timings are the fastest of `--repeats` runs, interleaved over modes, so a busy machine slows all alike.
+Results are appended to benchmarks/results/sampling_speed.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from dpdm.diffusion.inference import prepare_for_sampling
 from dpdm.diffusion.preconditioning import Denoiser, EDMPreconditioning
 from dpdm.diffusion.samplers import latents_from_seeds, run_sampler
+from dpdm.utils.allocator import retain_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
-# (sampler preset, what it is); the step counts are the presets' (the paper's).
+# (sampler preset, what it is); the step counts are the presets'.
 PRESETS = [("ddim", "deterministic DDIM"), ("stochastic_ddim", "stochastic DDIM, η = 1"),
            ("edm_heun", "EDM Heun, deterministic"), ("paper_fid", "EDM Heun + churn (paper FID)")]
+MODES = ("eager", "fast", "compiled")
 
 
 def nfe(name: str, num_steps: int) -> int:
@@ -35,9 +49,12 @@ def nfe(name: str, num_steps: int) -> int:
     return 2 * num_steps - 1 if name == "edm_heun" else num_steps
 
 
-def paper_denoiser(device) -> Denoiser:
-    net = instantiate(OmegaConf.load(REPO / "conf" / "net" / "ddpmpp_mnist.yaml"))
-    return Denoiser(net, EDMPreconditioning()).to(device).eval().requires_grad_(False)
+def build_denoiser(net_name: str, device, mode: str) -> Denoiser:
+    torch.manual_seed(0)
+    den = Denoiser(instantiate(OmegaConf.load(REPO / "conf" / "net" / f"{net_name}.yaml")), EDMPreconditioning())
+    if mode == "eager":
+        return den.to(device).eval().requires_grad_(False)
+    return prepare_for_sampling(den, device, channels_last=True, compile=mode == "compiled")
 
 
 def timed(fn, device) -> float:
@@ -50,58 +67,115 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def bench(den, spec: dict, *, batch: int, steps: int, guidance: float, device) -> float:
-    """Seconds for one batch of `batch` samples with `steps` steps."""
-    seeds = list(range(batch))
-    labels = torch.arange(batch, device=device) % 10
-    lat = latents_from_seeds(seeds, (1, 28, 28), device=device)
-    run = lambda: run_sampler(den, lat, class_labels=labels, noise_seeds=seeds,
-                              **{**spec, "num_steps": steps, "guidance": guidance})
-    return timed(run, device)
+def forward_fn(den: Denoiser, mode: str, batch: int, shape, device):
+    """One denoiser evaluation of a batch at σ = 1, in the grad mode the sampler of that mode uses."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *shape), generator=gen).to(device)
+    sigma = torch.ones(batch, device=device)
+    labels = torch.arange(batch, device=device) % max(den.net.num_classes, 1)
+    ctx = torch.no_grad if mode == "eager" else torch.inference_mode
+
+    def run():
+        with ctx():
+            den(x, sigma, labels)
+    return run
 
 
-def main(argv=None) -> list[dict]:
+def training_rate(net_name: str, device, batch: int, repeats: int) -> float:
+    """Noised images per second through dpdm's DP step (benchmarks/train_step.py's `dpdm` variant)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_step import build, make_step
+
+    step = make_step("dpdm", build(net_name, device), B=batch, K=1, device=device)
+    step()  # warm-up
+    return batch / min(timed(step, device) for _ in range(repeats))
+
+
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=None, help="samples per batch (default 32 CPU, 1024 GPU)")
-    ap.add_argument("--measure-steps", type=int, default=4)
-    ap.add_argument("--full", action="store_true", help="run all steps instead of extrapolating")
+    ap.add_argument("--net", default="ddpmpp_mnist", help="a conf/net/ name")
+    ap.add_argument("--batch", type=int, default=None, help="images per forward (default 500 CPU, 1024 GPU)")
+    ap.add_argument("--train-batch", type=int, default=256, help="examples per DP training step (K = 1)")
+    ap.add_argument("--modes", default="eager,fast", help=f"comma-separated subset of {','.join(MODES)}")
+    ap.add_argument("--no-training", action="store_true", help="skip the DP training rate")
+    ap.add_argument("--no-samplers", action="store_true", help="skip the per-sampler table")
+    ap.add_argument("--measure-steps", type=int, default=3)
+    ap.add_argument("--full", action="store_true", help="run all sampler steps instead of extrapolating")
     ap.add_argument("--repeats", type=int, default=3, help="report the fastest of this many runs")
-    ap.add_argument("--guidance", type=float, default=0.0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
-    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sampling_speed.json")
     args = ap.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                           else args.device)
-    batch = args.batch or (1024 if device.type == "cuda" else 32)
+    modes = args.modes.split(",")
+    if set(modes) - set(MODES):
+        ap.error(f"unknown modes {sorted(set(modes) - set(MODES))}; choose from {', '.join(MODES)}")
+    batch = args.batch or (1024 if device.type == "cuda" else 500)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc_tuned = retain_freed_memory()
     torch.backends.cudnn.benchmark = True
-    den = paper_denoiser(device)
-    bench(den, {"name": "ddim"}, batch=batch, steps=2, guidance=args.guidance, device=device)  # warm-up
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"# {where}; batch {batch}; guidance {args.guidance}; torch {torch.__version__}")
-    print("| sampler | steps | NFE/sample | s/batch | samples/s |\n|---|---|---|---|---|")
+
+    dens = {m: build_denoiser(args.net, device, m) for m in modes}
+    net = dens[modes[0]].net
+    shape = (net.in_channels, net.img_resolution, net.img_resolution)
+    runs = {m: forward_fn(dens[m], m, batch, shape, device) for m in modes}
+    for m in modes:  # warm-up (and compilation)
+        t = timed(runs[m], device)
+        if m == "compiled":
+            print(f"# compiled in {t:.1f}s (first call)", flush=True)
+    best = {m: float("inf") for m in modes}
+    for _ in range(args.repeats):  # interleaved
+        for m in modes:
+            best[m] = min(best[m], timed(runs[m], device))
+    train = None if args.no_training else training_rate(args.net, device, args.train_batch, args.repeats)
+
+    print(f"# {args.net}; {where}; forward batch {batch}; torch {torch.__version__}")
+    print("| mode | network evals/s | × eager | × DP training |\n|---|---|---|---|")
+    eager = batch / best["eager"] if "eager" in best else None
+    results = {"modes": {}, "training_noised_images_per_s": train}
+    for m in modes:
+        rate = batch / best[m]
+        results["modes"][m] = rate
+        print(f"| {m} | {rate:.0f} | {'–' if eager is None else f'{rate / eager:.2f}'} | "
+              f"{'–' if train is None else f'{rate / train:.2f}'} |")
+    if train is not None:
+        print(f"| DP training (dpdm, B={args.train_batch}, K=1) | {train:.0f} noised img/s | | 1.00 |")
+
     rows = []
-    for preset, label in PRESETS:
-        spec = dict(OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "sampler" / f"{preset}.yaml")))
-        steps = int(spec["num_steps"])
-        k = steps if args.full else min(steps, args.measure_steps)
-        # The fastest run is the least disturbed by whatever else shares the machine.
-        t = min(bench(den, spec, batch=batch, steps=k, guidance=args.guidance, device=device)
-                for _ in range(args.repeats))
-        t_full = t * nfe(spec["name"], steps) / nfe(spec["name"], k)
-        row = {"preset": preset, "sampler": label, "steps": steps, "nfe": nfe(spec["name"], steps),
-               "batch": batch, "seconds_per_batch": t_full, "samples_per_s": batch / t_full,
-               "extrapolated_from_steps": None if k == steps else k, "device": where,
-               "guidance": args.guidance}
-        rows.append(row)
-        print(f"| {label} (`sampler={preset}`) | {steps} | {row['nfe']} | {t_full:.4g} | "
-              f"{row['samples_per_s']:.4g} |", flush=True)
+    if not args.no_samplers:
+        m = "fast" if "fast" in dens else modes[0]
+        den = dens[m]
+        print(f"\n| sampler ({m}) | steps | NFE/sample | s/batch of {batch} | samples/s |\n|---|---|---|---|---|")
+        seeds = list(range(batch))
+        labels = torch.arange(batch, device=device) % max(net.num_classes, 1)
+        lat = latents_from_seeds(seeds, shape, device=device)
+        for preset, label in PRESETS:
+            spec = dict(OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "sampler" / f"{preset}.yaml")))
+            steps = int(spec["num_steps"])
+            k = steps if args.full else min(steps, args.measure_steps)
+            run = lambda: run_sampler(den, lat, class_labels=labels, noise_seeds=seeds,
+                                      **{**spec, "num_steps": k})
+            t = min(timed(run, device) for _ in range(max(1, args.repeats - 1)))
+            t_full = t * nfe(spec["name"], steps) / nfe(spec["name"], k)
+            row = {"preset": preset, "steps": steps, "nfe": nfe(spec["name"], steps),
+                   "seconds_per_batch": t_full, "samples_per_s": batch / t_full,
+                   "extrapolated_from_steps": None if k == steps else k}
+            rows.append(row)
+            print(f"| {label} (`sampler={preset}`) | {steps} | {row['nfe']} | {t_full:.4g} | "
+                  f"{row['samples_per_s']:.4g} |", flush=True)
+    record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "net": args.net,
+              "device": where, "batch": batch, "train_batch": args.train_batch, "malloc_tuned": malloc_tuned,
+              "torch": torch.__version__, **results, "samplers": rows}
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=2))
-    return rows
+        history = json.loads(args.out.read_text()) if args.out.exists() else []
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(history + [record], indent=2) + "\n")
+        print(f"appended to {args.out}")
+    return record
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ from dpdm.training.module import DPDiffusionModule
 
 
 def tiny_denoiser(*, dtype=torch.float64, seed: int = 0, num_classes: int = 3,
-                  resolution: int = 8, attention: bool = True) -> Denoiser:
+                  resolution: int = 8, attention: bool = True, patch_size: int = 1) -> Denoiser:
     torch.manual_seed(seed)
     net = DDPMppUNet(img_resolution=resolution, in_channels=1, out_channels=1,
                      num_classes=num_classes, model_channels=8, channel_mult=(1, 2),
-                     num_blocks=1, attn_resolutions=(resolution // 2,) if attention else (),
-                     dropout=0.0, zero_init=False)
+                     num_blocks=1, attn_resolutions=(resolution // patch_size // 2,) if attention else (),
+                     dropout=0.0, zero_init=False, patch_size=patch_size)
     return Denoiser(net, EDMPreconditioning()).to(dtype).train()
 
 

@@ -175,3 +175,29 @@ def test_grad_sample_module_empty_batch():
     per_sample_loss(out, target).sum().backward()
     for name, p in net.named_parameters():
         assert p.grad_sample is not None and p.grad_sample.shape == (0, *p.shape), name
+
+
+def test_patch_size_runs_the_unet_at_a_coarser_grid_and_keeps_the_image_shape():
+    torch.manual_seed(0)
+    net = DDPMppUNet(img_resolution=28, model_channels=8, channel_mult=(1, 2), num_blocks=1,
+                     attn_resolutions=(7,), patch_size=2).double()
+    net.reset_parameters(zero_init=False)
+    assert net.grid_resolution == 14 and net.input_conv.in_channels == 4 and net.out_conv.out_channels == 4
+    assert any(b.attn is not None for b in net.dec)  # attention at the 7x7 grid level
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    out = net(x, torch.zeros(3, dtype=torch.float64), torch.tensor([0, 1, 2]))
+    assert out.shape == x.shape
+    # Pixel (2i+a, 2j+b) of the output comes from channel 2a+b of the grid cell (i, j): changing one input
+    # pixel changes outputs only through the network, never by a mis-ordered reshape (zero-init check).
+    net0 = DDPMppUNet(img_resolution=28, model_channels=8, channel_mult=(1, 2), num_blocks=1,
+                      attn_resolutions=(), patch_size=2).double()
+    with torch.no_grad():
+        net0.out_conv.bias.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    y = net0(x, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(y[0, 0, :2, :2], torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bad", [dict(patch_size=0), dict(patch_size=3), dict(patch_size=4, channel_mult=(1, 2, 2))])
+def test_bad_patch_size_is_refused(bad):
+    with pytest.raises(ValueError, match="patch_size|divisible"):
+        DDPMppUNet(img_resolution=28, **bad)

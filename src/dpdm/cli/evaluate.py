@@ -56,10 +56,12 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
 
     from dpdm.cli.sample import draw_samples
     from dpdm.evaluation import draw_synthetic_set
+    from dpdm.diffusion.inference import prepare_for_sampling
     from dpdm.training.checkpoint import checkpoint_dataset, load_checkpoint, load_ema_denoiser
 
     ckpt = load_checkpoint(path)
-    denoiser = load_ema_denoiser(ckpt).to(device)
+    denoiser = prepare_for_sampling(load_ema_denoiser(ckpt), device, channels_last=cfg.channels_last,
+                                    compile=cfg.compile)
     net = denoiser.net
     shape = (net.in_channels, net.img_resolution, net.img_resolution)
     num_classes = int(getattr(net, "num_classes", 0) or 0)
@@ -172,6 +174,9 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from dpdm.utils.allocator import retain_freed_memory
+
+    retain_freed_memory()  # sampling frees and reallocates the same activations every step
     sys.argv = [sys.argv[0], *positional_input_to_override(sys.argv[1:])]
     _main()
 

@@ -55,6 +55,7 @@ def draw_samples(denoiser, *, n: int, labels, seed: int, sampler_cfg, batch_size
 
 
 def run_sampling(cfg: DictConfig) -> Path:
+    from dpdm.diffusion.inference import prepare_for_sampling
     from dpdm.training.checkpoint import checkpoint_dataset, load_checkpoint, load_ema_denoiser
     from dpdm.utils.images import save_image_grid
 
@@ -66,7 +67,8 @@ def run_sampling(cfg: DictConfig) -> Path:
         raise FileExistsError(f"{target} exists; pass overwrite=true or choose another out=")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     ckpt = load_checkpoint(cfg.ckpt)
-    denoiser = load_ema_denoiser(ckpt).to(device)
+    denoiser = prepare_for_sampling(load_ema_denoiser(ckpt), device, channels_last=cfg.channels_last,
+                                    compile=cfg.compile)
     net = denoiser.net
     shape = (net.in_channels, net.img_resolution, net.img_resolution)
     labels = class_labels_for(cfg.classes, cfg.n, net.num_classes)
@@ -88,8 +90,15 @@ def run_sampling(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 @exit_on_user_error
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     run_sampling(cfg)
+
+
+def main() -> None:
+    from dpdm.utils.allocator import retain_freed_memory
+
+    retain_freed_memory()  # every step frees and reallocates the same activations: keep them mapped
+    _hydra_main()
 
 
 if __name__ == "__main__":

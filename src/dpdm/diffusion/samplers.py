@@ -99,7 +99,7 @@ def ancestral_sigmas(sigma: float, sigma_next: float, eta: float) -> tuple[float
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def ddim_sampler(denoiser, latents: Tensor, sigmas: Tensor, *, class_labels: Tensor | None = None,
                  guidance: float = 0.0, noise_seeds: Sequence[int] | None = None,
                  net_dtype=torch.float32) -> Tensor:
@@ -112,7 +112,7 @@ def ddim_sampler(denoiser, latents: Tensor, sigmas: Tensor, *, class_labels: Ten
     return x
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stochastic_ddim_sampler(denoiser, latents: Tensor, sigmas: Tensor, *,
                             class_labels: Tensor | None = None, guidance: float = 0.0,
                             noise_seeds: Sequence[int] | None = None, net_dtype=torch.float32,
@@ -134,7 +134,7 @@ def stochastic_ddim_sampler(denoiser, latents: Tensor, sigmas: Tensor, *,
     return x
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def edm_heun_sampler(denoiser, latents: Tensor, sigmas: Tensor, *,
                      class_labels: Tensor | None = None, guidance: float = 0.0,
                      noise_seeds: Sequence[int] | None = None, net_dtype=torch.float32,

@@ -44,16 +44,23 @@ class DDPMppUNet(nn.Module):
         num_heads: int = 1,
         max_positions: float = 10_000.0,
         zero_init: bool = True,
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
         if num_classes < 0:
             raise ValueError("num_classes must be >= 0")
-        if img_resolution % 2 ** (len(channel_mult) - 1):
-            raise ValueError(f"resolution {img_resolution} not divisible by 2^{len(channel_mult) - 1}")
+        if patch_size < 1 or img_resolution % patch_size:
+            raise ValueError(f"patch_size={patch_size} must be >= 1 and divide the resolution {img_resolution}")
+        grid = img_resolution // patch_size  # the resolution the U-Net itself runs at
+        if grid % 2 ** (len(channel_mult) - 1):
+            raise ValueError(f"resolution {grid} (image {img_resolution} / patch {patch_size}) not divisible "
+                             f"by 2^{len(channel_mult) - 1}")
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_classes = num_classes
+        self.patch_size = patch_size
+        self.grid_resolution = grid
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
 
@@ -63,7 +70,9 @@ class DDPMppUNet(nn.Module):
         self.map_label = nn.Embedding(num_classes + 1, emb_channels) if num_classes else None
 
         block = dict(emb_channels=emb_channels, num_heads=num_heads, dropout=dropout)
-        self.input_conv = nn.Conv2d(in_channels, model_channels, kernel_size=3, padding=1)
+        # patch_size p > 1: p×p pixel blocks become channels (pixel unshuffle) so every layer runs at
+        # resolution/p: about p² fewer FLOPs per image, the cheapest lever on a CPU (docs/recipes.md).
+        self.input_conv = nn.Conv2d(in_channels * patch_size**2, model_channels, kernel_size=3, padding=1)
         self.enc, skip_channels = self._build_encoder(
             model_channels, channel_mult, num_blocks, attn_resolutions, block
         )
@@ -75,7 +84,7 @@ class DDPMppUNet(nn.Module):
             model_channels, channel_mult, num_blocks, attn_resolutions, skip_channels, block
         )
         self.out_norm = group_norm(last)
-        self.out_conv = nn.Conv2d(last, out_channels, kernel_size=3, padding=1)
+        self.out_conv = nn.Conv2d(last, out_channels * patch_size**2, kernel_size=3, padding=1)
         self.reset_parameters(zero_init=zero_init)
 
     @property
@@ -88,7 +97,7 @@ class DDPMppUNet(nn.Module):
         attn_resolutions: Sequence[int], block: dict,
     ) -> tuple[nn.ModuleList, list[int]]:
         blocks, skips = nn.ModuleList(), [model_channels]
-        res, ch = self.img_resolution, model_channels
+        res, ch = self.grid_resolution, model_channels
         for level, mult in enumerate(channel_mult):
             if level > 0:
                 res //= 2
@@ -108,7 +117,7 @@ class DDPMppUNet(nn.Module):
         # Consumes the encoder skips in reverse; as in DDPM++ only the last
         # block of each level attends, which keeps the decoder cheaper.
         blocks, skips = nn.ModuleList(), list(skips)
-        res = self.img_resolution // 2 ** (len(channel_mult) - 1)
+        res = self.grid_resolution // 2 ** (len(channel_mult) - 1)
         ch = model_channels * channel_mult[-1]
         for level in reversed(range(len(channel_mult))):
             if level < len(channel_mult) - 1:
@@ -164,6 +173,8 @@ class DDPMppUNet(nn.Module):
         if noise_labels.numel() != x.shape[0]:
             raise ValueError(f"need {x.shape[0]} noise labels, got {noise_labels.numel()}")
         emb = self.embed(noise_labels, class_labels, x.dtype)
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
         h = self.input_conv(x)
         skips = [h]
         for blk in self.enc:
@@ -176,4 +187,5 @@ class DDPMppUNet(nn.Module):
                 h = blk(h, emb)
             else:
                 h = blk(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        out = self.out_conv(F.silu(self.out_norm(h)))
+        return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out

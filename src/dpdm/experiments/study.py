@@ -1,0 +1,261 @@
+"""Quality-per-compute studies: train variants of a recipe, sample them, score them, one JSON row each.
+
+A study file (conf/study/*.yaml) names the base overrides shared by every run, the variants (extra
+overrides), the samplers each trained model is scored with, and how many samples are scored:
+
+    train: [experiment=quickstart]
+    controls: true                 # each variant also runs with privacy=none: the cost of privacy
+    sample: {n: 1000, batch_size: 500}
+    samplers: {heun18: [sampler.num_steps=18], heun18_w2: [sampler.num_steps=18, sampler.guidance=2]}
+    variants: {baseline: [], patch2: [net=ddpmpp_tiny_p2]}
+
+Every run is the real `dpdm-train` / `dpdm-sample` in a subprocess (what a user runs, nothing
+re-implemented), so a recipe found here carries over to a preset unchanged. Scores are the offline
+diagnostics of docs/evaluation.md, cheap enough for a CPU search: the agreement of the real-data CNN
+with the requested labels, and the Fréchet distance in that CNN's features to the real *test* split;
+`--downstream` adds the paper's LogReg / MLP / CNN protocol for confirmation runs. Rows are appended to
+results/study/<study>.jsonl; a finished training or sampling step is reused, so a killed study resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpdm.utils.jsonio import read_json
+
+DP, NONPRIVATE = "dp", "nonprivate"
+
+
+@dataclass
+class Study:
+    name: str
+    train: list[str]
+    variants: dict[str, list[str]]
+    samplers: dict[str, list[str]]
+    sample_n: int = 1000
+    sample_batch_size: int = 500
+    controls: bool = True
+    description: str = ""
+    evaluation: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Study:
+        from omegaconf import OmegaConf
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"study file {path} not found; the studies are in conf/study/")
+        d = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        unknown = set(d) - {"description", "train", "variants", "samplers", "sample", "controls", "evaluation"}
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        if not d.get("variants"):
+            raise ValueError(f"{path}: a study needs at least one entry under variants")
+        sample = d.get("sample") or {}
+        return cls(name=path.stem, train=list(d.get("train") or []),
+                   variants={k: list(v or []) for k, v in d["variants"].items()},
+                   samplers={k: list(v or []) for k, v in (d.get("samplers") or {"default": []}).items()},
+                   sample_n=int(sample.get("n", 1000)), sample_batch_size=int(sample.get("batch_size", 500)),
+                   controls=bool(d.get("controls", True)), description=str(d.get("description", "")),
+                   evaluation=dict(d.get("evaluation") or {}))
+
+
+def _bin(name: str) -> str:
+    """The console script next to this interpreter (the venv's), else the one on PATH."""
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
+
+
+def _run(cmd: list[str], log_path: Path) -> float:
+    """Run cmd with its output appended to log_path; seconds of wall time. Raises on failure."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with log_path.open("a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise RuntimeError(f"command failed (exit {rc}); see {log_path}:\n  {shlex.join(cmd)}")
+    return time.perf_counter() - t0
+
+
+def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=print) -> Path:
+    """Train one (variant, mode) run unless its summary.json exists; returns the run dir."""
+    run_dir = runs_dir / study.name / variant / mode
+    if (run_dir / "summary.json").exists():
+        progress(f"[{study.name}] {variant}/{mode}: trained already ({run_dir})")
+        return run_dir
+    overrides = study.train + study.variants[variant] + (["privacy=none"] if mode == NONPRIVATE else [])
+    progress(f"[{study.name}] {variant}/{mode}: training ({' '.join(overrides) or 'defaults'})")
+    if run_dir.exists():  # a killed earlier attempt: start the run over, it has no result to keep
+        import shutil
+
+        shutil.rmtree(run_dir)
+    wall = _run([_bin("dpdm-train"), *overrides, f"hydra.run.dir={run_dir}",
+                 "+trainer.enable_progress_bar=false"], run_dir.parent / f"{mode}.log")
+    progress(f"[{study.name}] {variant}/{mode}: trained in {wall:.0f}s")
+    return run_dir
+
+
+def sample_run(study: Study, run_dir: Path, sampler: str, progress=print) -> tuple[Path, float | None]:
+    """Samples of one trained run with one sampler; (samples.npz, wall seconds or None if reused)."""
+    out = run_dir / f"samples_{sampler}"
+    target = out / "samples.npz"
+    if target.exists():
+        return target, read_json(out / "timing.json").get("wall_s") if (out / "timing.json").exists() else None
+    wall = _run([_bin("dpdm-sample"), f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"n={study.sample_n}",
+                 f"out={out}", f"batch_size={study.sample_batch_size}", "overwrite=true",
+                 *study.samplers[sampler]], run_dir / f"sample_{sampler}.log")
+    (out / "timing.json").write_text(json.dumps({"wall_s": wall}) + "\n")
+    progress(f"    sampled {study.sample_n} with {sampler} in {wall:.0f}s")
+    return target, wall
+
+
+def score(samples_path: Path, evaluator, downstream: bool) -> dict:
+    """Offline scores of a samples.npz: agreement with the requested labels, fd_classifier vs test."""
+    import numpy as np
+    import torch
+
+    from dpdm.evaluation.downstream import LabeledImages
+
+    with np.load(samples_path) as f:
+        samples = LabeledImages(torch.from_numpy(f["x"]), torch.from_numpy(f["y"]))
+    metrics = ["fd_classifier", "real_cnn_on_synthetic"] + (["downstream"] if downstream else [])
+    report = evaluator.evaluate(samples, metrics=metrics)
+    m = report.metrics
+    row = {"agreement": m.get("eval/real_cnn_acc_on_synthetic"),
+           "fd_classifier_test": m.get("eval/fd_classifier_test")}
+    for name in ("logreg", "mlp", "cnn"):
+        if f"eval/acc_{name}" in m:
+            row[f"acc_{name}"] = m[f"eval/acc_{name}"]
+    return row
+
+
+def run_facts(run_dir: Path) -> dict:
+    """What the run was: the mechanism from privacy.json, its compute, its wall time."""
+    privacy = read_json(run_dir / "privacy.json") or {}
+    summary = read_json(run_dir / "summary.json") or {}
+    cfg = _load_yaml(run_dir / "config.yaml")
+    steps = int(summary.get("optimizer_steps") or 0)
+    B, K = int(cfg["data"]["batch_size"]), int(cfg["loss"]["noise_multiplicity"])
+    net = cfg["net"]
+    return {
+        "epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"),
+        "sigma": privacy.get("noise_multiplier"), "batch_size": B, "K": K, "steps": steps,
+        "noised_images": steps * B * K, "train_wall_s": summary.get("wall_time_s"),
+        "lr": cfg["optim"]["lr"], "net": {k: net[k] for k in ("model_channels", "channel_mult", "num_blocks",
+                                                               "attn_resolutions") if k in net}
+        | {"patch_size": net.get("patch_size", 1)},
+        "noise": {k: v for k, v in cfg["noise"].items() if k != "_target_"},
+    }
+
+
+def _load_yaml(path: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list[str] | None = None,
+              modes: list[str] | None = None, downstream: bool = False, data_dir: str | None = None,
+              progress=print) -> Path:
+    """Train, sample and score every requested (variant, mode, sampler); append rows; the rows file."""
+    from dpdm.evaluation.protocol import EvalSettings, Evaluator
+
+    chosen = variants or list(study.variants)
+    missing = [v for v in chosen if v not in study.variants]
+    if missing:
+        raise ValueError(f"variants {missing} not in study {study.name}; it has {', '.join(study.variants)}")
+    modes = modes or ([DP, NONPRIVATE] if study.controls else [DP])
+    results_dir.mkdir(parents=True, exist_ok=True)
+    rows_path = results_dir / f"{study.name}.jsonl"
+    # fd_classifier against the public test split only; `evaluation:` in the study file overrides any
+    # EvalSettings (e.g. a smaller real-data CNN for tests, the downstream protocol's epochs).
+    settings = EvalSettings.from_dict({"reference_splits": ["test"], **study.evaluation})
+    evaluator = None
+    for variant in chosen:
+        for mode in modes:
+            run_dir = train_run(study, variant, mode, runs_dir, progress)
+            facts = run_facts(run_dir)
+            if evaluator is None:
+                dataset = _load_yaml(run_dir / "config.yaml")["data"].get("name", "mnist")
+                evaluator = Evaluator(dataset=dataset, data_dir=data_dir or os.environ.get("DPDM_DATA_DIR", "data"),
+                                      settings=settings)
+            for sampler in study.samplers:
+                samples, sample_wall = sample_run(study, run_dir, sampler, progress)
+                scores = score(samples, evaluator, downstream)
+                row = {"study": study.name, "variant": variant, "mode": mode, "sampler": sampler,
+                       "sampler_overrides": study.samplers[sampler], "overrides": study.variants[variant],
+                       **facts, "sample_n": study.sample_n, "sample_wall_s": sample_wall, **scores,
+                       "run_dir": str(run_dir), "commit": _git_commit(), "machine": machine_line(),
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                with rows_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                progress(f"    {variant}/{mode}/{sampler}: agreement {_pct(row['agreement'])}, "
+                         f"fd_classifier {_num(row['fd_classifier_test'])}"
+                         + (f", CNN {_pct(row.get('acc_cnn'))}" if "acc_cnn" in row else ""))
+    return rows_path
+
+
+def machine_line() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def read_rows(path: Path) -> list[dict]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """The newest row of each (variant, mode, sampler): a re-run replaces, not duplicates."""
+    keep: dict[tuple, dict] = {}
+    for r in rows:
+        keep[(r["variant"], r["mode"], r["sampler"])] = r
+    return list(keep.values())
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One line per (variant, sampler): DP and non-private control side by side."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in latest_rows(rows):
+        by_key.setdefault((r["variant"], r["sampler"]), {})[r["mode"]] = r
+    head = ("| variant | sampler | B | K | steps | noised img | σ | ε | train min | agreement DP | "
+            "agreement non-private | fd_classifier DP | fd_classifier non-private | CNN DP |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (variant, sampler), modes in by_key.items():
+        dp, np_ = modes.get(DP, {}), modes.get(NONPRIVATE, {})
+        ref = dp or np_
+        wall = ref.get("train_wall_s")
+        lines.append(
+            f"| {variant} | {sampler} | {ref.get('batch_size')} | {ref.get('K')} | {ref.get('steps')} | "
+            f"{ref.get('noised_images', 0) / 1e3:.0f}k | {_num(dp.get('sigma'))} | {_num(dp.get('epsilon'))} | "
+            f"{'n/a' if wall is None else f'{wall / 60:.1f}'} | {_pct(dp.get('agreement'))} | "
+            f"{_pct(np_.get('agreement'))} | {_num(dp.get('fd_classifier_test'))} | "
+            f"{_num(np_.get('fd_classifier_test'))} | {_pct(dp.get('acc_cnn')) if 'acc_cnn' in dp else '–'} |")
+    return "\n".join(lines)
