@@ -104,6 +104,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="report the fastest of this many runs")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="leave glibc malloc alone (how dpdm-sample ran before it tuned it)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sampling_speed.json")
     args = ap.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
@@ -114,7 +116,7 @@ def main(argv=None) -> dict:
     batch = args.batch or (1024 if device.type == "cuda" else 500)
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc_tuned = retain_freed_memory()
+    malloc_tuned = False if args.no_malloc_tuning else retain_freed_memory()
     torch.backends.cudnn.benchmark = True
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -133,7 +135,7 @@ def main(argv=None) -> dict:
             best[m] = min(best[m], timed(runs[m], device))
     train = None if args.no_training else training_rate(args.net, device, args.train_batch, args.repeats)
 
-    print(f"# {args.net}; {where}; forward batch {batch}; torch {torch.__version__}")
+    print(f"# {args.net}; {where}; forward batch {batch}; malloc tuned: {malloc_tuned}; torch {torch.__version__}")
     print("| mode | network evals/s | × eager | × DP training |\n|---|---|---|---|")
     eager = batch / best["eager"] if "eager" in best else None
     results = {"modes": {}, "training_noised_images_per_s": train}

@@ -82,3 +82,18 @@ def test_bad_privacy_config_is_refused(bad, match):
 def test_unknown_accountant_is_refused():
     with pytest.raises(ValueError, match="accountant"):
         epsilon_spent(noise_multiplier=1.0, sample_rate=0.01, steps=10, delta=1e-5, accountant="gdp?")
+
+
+def test_trainer_max_steps_shortens_the_plan_and_sigma_is_calibrated_for_it():
+    kw = dict(enabled=True, epsilon=10.0, delta=1e-5, max_grad_norm=1.0, accountant="rdp",
+              noise_multiplier=None, batch_size=256, dataset_size=60000, epochs=2, noise_multiplicity=1)
+    full, short = make_privacy_plan(**kw), make_privacy_plan(**kw, step_limit=350)
+    assert full.planned_steps == 468 and short.planned_steps == short.max_steps == 350
+    assert short.noise_multiplier < full.noise_multiplier
+    eps = epsilon_spent(noise_multiplier=short.noise_multiplier, sample_rate=short.sample_rate, steps=350,
+                        delta=1e-5)
+    assert 9.9 < eps <= 10.0
+    assert make_privacy_plan(**kw, step_limit=-1) == full            # Lightning's "no limit"
+    assert make_privacy_plan(**kw, step_limit=10**6) == full         # more than the epochs allow
+    with pytest.raises(ValueError, match="max_steps"):
+        make_privacy_plan(**kw, step_limit=0)

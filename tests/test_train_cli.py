@@ -109,3 +109,15 @@ def test_non_private_baseline_runs(tmp_path):
     p = json.loads((tmp_path / "privacy.json").read_text())
     assert p["enabled"] is False and p["epsilon"] is None
     assert p["steps"] == int(1 / p["sample_rate"])
+
+
+def test_trainer_max_steps_stops_the_run_and_the_accountant_plans_for_it(tmp_path):
+    run_dir = tmp_path / "short"
+    proc = _run([str(BIN / "dpdm-train"), *SHRINK, "trainer.max_steps=3", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    p = json.loads((run_dir / "privacy.json").read_text())
+    assert p["steps"] == p["planned_steps"] == 3  # 2 epochs of q = 1/4 would be 8 steps
+    # σ was calibrated for 3 steps, so those 3 steps spend (almost) the whole budget.
+    eps = epsilon_spent(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"], steps=3,
+                        delta=p["delta"])
+    assert abs(p["epsilon"] - eps) < 1e-9 and 0.98 * p["target_epsilon"] < eps <= p["target_epsilon"]

@@ -35,7 +35,8 @@ def build_module(cfg: DictConfig, dm):
         enabled=p.enabled, epsilon=p.epsilon, delta=p.delta, max_grad_norm=p.max_grad_norm,
         accountant=p.accountant, noise_multiplier=p.noise_multiplier,
         batch_size=cfg.data.batch_size, dataset_size=dm.num_train,
-        epochs=cfg.trainer.max_epochs, noise_multiplicity=cfg.loss.noise_multiplicity)
+        epochs=cfg.trainer.max_epochs, noise_multiplicity=cfg.loss.noise_multiplicity,
+        step_limit=cfg.trainer.get("max_steps"))
     preconditioning, sigma_dist = build_diffusion(cfg)
     module = DPDiffusionModule(
         net=instantiate(cfg.net), plan=plan, preconditioning=preconditioning,

@@ -156,7 +156,8 @@ def run_cost(run: RunSpec, *, overrides: list[str] | None = None) -> dict[str, A
         plan = make_privacy_plan(enabled=p.enabled, epsilon=p.epsilon, delta=p.delta, max_grad_norm=p.max_grad_norm,
                                  accountant=p.accountant, noise_multiplier=p.noise_multiplier,
                                  batch_size=cfg.data.batch_size, dataset_size=n, epochs=cfg.trainer.max_epochs,
-                                 noise_multiplicity=cfg.loss.noise_multiplicity)
+                                 noise_multiplicity=cfg.loss.noise_multiplicity,
+                                 step_limit=cfg.trainer.get("max_steps"))
     images = plan.planned_steps * plan.expected_batch_size * plan.noise_multiplicity
     return {"experiment": run.experiment, "steps": plan.planned_steps, "batch_size": plan.expected_batch_size,
             "noise_multiplicity": plan.noise_multiplicity, "noise_multiplier": plan.noise_multiplier,

@@ -1,6 +1,7 @@
 """The DP-SGD mechanism a run will execute, fixed before training: q, σ, C, steps.
 
-Planned steps = epochs × ⌊1/q⌋, the number of batches Opacus' Poisson loader yields per epoch; σ is
+Planned steps = epochs × ⌊1/q⌋, the number of batches Opacus' Poisson loader yields per epoch, or fewer
+when the trainer stops earlier (`trainer.max_steps`, for runs sized by time rather than epochs); σ is
 calibrated for exactly those steps. `max_steps` is the budget guard: the largest step count whose ε
 stays within the target. Resuming recomputes the plan and must find the same mechanism.
 """
@@ -37,7 +38,8 @@ def steps_per_epoch(sample_rate: float) -> int:
 
 def make_privacy_plan(*, enabled: bool, epsilon: float, delta: float, max_grad_norm: float,
                       accountant: str, noise_multiplier: float | None, batch_size: int,
-                      dataset_size: int, epochs: int, noise_multiplicity: int) -> PrivacyPlan:
+                      dataset_size: int, epochs: int, noise_multiplicity: int,
+                      step_limit: int | None = None) -> PrivacyPlan:
     if batch_size < 1 or batch_size > dataset_size:
         raise ValueError(f"data.batch_size={batch_size} must be between 1 and the dataset size "
                          f"({dataset_size}): Poisson sampling needs a rate q = B/N in (0, 1].")
@@ -48,6 +50,10 @@ def make_privacy_plan(*, enabled: bool, epsilon: float, delta: float, max_grad_n
     q = batch_size / dataset_size
     spe = steps_per_epoch(q)
     planned = epochs * spe
+    if step_limit is not None and step_limit >= 0:  # Lightning's max_steps (-1: no limit)
+        if step_limit == 0:
+            raise ValueError("trainer.max_steps=0 trains nothing; use -1 (no limit) or a positive count")
+        planned = min(planned, int(step_limit))
     if not enabled:
         return PrivacyPlan(False, float("inf"), 0.0, 0.0, 0.0, q, batch_size, spe, planned, planned,
                            noise_multiplicity, "none", dataset_size)
