@@ -22,6 +22,10 @@ SHRINK = ["experiment=smoke", "data.subset_size=400", "data.batch_size=100", "tr
           "callbacks.sample_grid.num_steps=3"]
 
 
+# The run's own sampler (a preset's choice), which dpdm-sample uses unless told otherwise.
+RUN_SAMPLER = ["sampler.num_steps=2", "sampler.guidance=1.5", "sampler.sigma_min=0.05"]
+
+
 def _run(args, cwd=REPO):
     env = dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(REPO / "data"))
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -30,7 +34,7 @@ def _run(args, cwd=REPO):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke")
-    proc = _run([str(BIN / "dpdm-train"), *SHRINK, f"hydra.run.dir={run_dir}"])
+    proc = _run([str(BIN / "dpdm-train"), *SHRINK, *RUN_SAMPLER, f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -121,3 +125,34 @@ def test_trainer_max_steps_stops_the_run_and_the_accountant_plans_for_it(tmp_pat
     eps = epsilon_spent(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"], steps=3,
                         delta=p["delta"])
     assert abs(p["epsilon"] - eps) < 1e-9 and 0.98 * p["target_epsilon"] < eps <= p["target_epsilon"]
+
+
+def test_sample_cli_uses_the_training_runs_sampler_unless_the_command_line_names_one(smoke_run, tmp_path):
+    ckpt = f"ckpt={smoke_run / 'checkpoints/last.ckpt'}"
+    own = _run([str(BIN / "dpdm-sample"), ckpt, "n=10", f"out={tmp_path / 'own'}"])
+    assert own.returncode == 0, own.stderr[-3000:]
+    log = own.stdout + own.stderr
+    assert "training run's sampler" in log and "guidance=1.5" in log and "sigma_min=0.05" in log
+    explicit = [f"sampler.{o}" for o in ("num_steps=2", "guidance=1.5", "sigma_min=0.05")]
+    same = _run([str(BIN / "dpdm-sample"), ckpt, "n=10", f"out={tmp_path / 'same'}", *explicit])
+    assert same.returncode == 0 and "training run's sampler" not in same.stdout + same.stderr
+    x_own, x_same = (np.load(tmp_path / d / "samples.npz")["x"] for d in ("own", "same"))
+    assert np.array_equal(x_own, x_same)  # the stored sampler is exactly the run's
+    other = _run([str(BIN / "dpdm-sample"), ckpt, "n=10", f"out={tmp_path / 'other'}", "sampler.num_steps=2"])
+    assert other.returncode == 0
+    assert not np.array_equal(np.load(tmp_path / "other" / "samples.npz")["x"], x_own)  # guidance 0 now
+
+
+def test_sample_grid_has_one_row_per_class():
+    import torch
+
+    from dpdm.cli.sample import grid_rows
+
+    y = torch.arange(1000) % 10  # balanced, as dpdm-sample draws them
+    idx, nrow = grid_rows(y)
+    assert nrow == 10 and len(idx) == 100
+    assert (y[idx].reshape(10, 10) == torch.arange(10).reshape(10, 1)).all()
+    idx, nrow = grid_rows(torch.tensor([3, 3, 3, 5, 5]))  # few per class: rows as long as the rarest class
+    assert nrow == 2 and idx.tolist() == [0, 1, 3, 4]
+    idx, nrow = grid_rows(torch.full((250,), -1))
+    assert nrow == 10 and idx.tolist() == list(range(100))

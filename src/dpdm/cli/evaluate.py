@@ -57,7 +57,8 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
     from dpdm.cli.sample import draw_samples
     from dpdm.evaluation import draw_synthetic_set
     from dpdm.diffusion.inference import prepare_for_sampling
-    from dpdm.training.checkpoint import checkpoint_dataset, load_checkpoint, load_ema_denoiser
+    from dpdm.training.checkpoint import (checkpoint_dataset, load_checkpoint, load_ema_denoiser, sampler_for,
+                                          sampler_overridden)
 
     ckpt = load_checkpoint(path)
     denoiser = prepare_for_sampling(load_ema_denoiser(ckpt), device, channels_last=cfg.channels_last,
@@ -70,9 +71,11 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
     wants_held_out = "downstream" in settings.metrics
     held_out = settings.downstream.held_out_count(int(cfg.num_samples)) if wants_held_out else 0
 
+    sampler = sampler_for(ckpt, cfg.sampler, sampler_overridden(), log=log.info)
+
     def sample_fn(seeds, labels):
         # Seeds are consecutive from seeds[0], as draw_samples numbers them; it batches and logs progress.
-        return draw_samples(denoiser, n=len(seeds), labels=labels, seed=seeds[0], sampler_cfg=cfg.sampler,
+        return draw_samples(denoiser, n=len(seeds), labels=labels, seed=seeds[0], sampler_cfg=sampler,
                             batch_size=int(cfg.batch_size), image_shape=shape, device=device)
 
     t0 = time.time()
@@ -87,7 +90,7 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
         tmp = out / "eval_samples.tmp.npz"
         np.savez_compressed(tmp, x=x.numpy(), y=y.numpy(), dataset=np.array(dataset or ""))
         os.replace(tmp, out / "eval_samples.npz")
-    meta = {"sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "seed": int(cfg.seed),
+    meta = {"sampler": sampler, "seed": int(cfg.seed),
             "privacy": _privacy_of(ckpt)}
     return samples, val, dataset, meta
 

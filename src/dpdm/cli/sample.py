@@ -35,6 +35,17 @@ def class_labels_for(classes, n: int, num_classes: int) -> torch.Tensor | None:
     return torch.full((n,), c)
 
 
+def grid_rows(y: torch.Tensor, per_row: int = 10, max_rows: int = 10) -> tuple[torch.Tensor, int]:
+    """Indices for grid.png: one row per class (the first `per_row` samples of each, in class order);
+    unlabelled samples (y = -1) fill up to max_rows rows in order."""
+    classes = sorted(c for c in set(y.tolist()) if c >= 0)
+    if not classes:
+        return torch.arange(min(len(y), per_row * max_rows)), per_row
+    per_class = min(per_row, min(int((y == c).sum()) for c in classes[:max_rows]))
+    picks = [torch.nonzero(y == c).flatten()[:per_class] for c in classes[:max_rows]]
+    return torch.cat(picks), per_class
+
+
 def draw_samples(denoiser, *, n: int, labels, seed: int, sampler_cfg, batch_size: int,
                  image_shape, device) -> torch.Tensor:
     """n uint8 samples; sample i uses seed + i for its latent and its sampling noise."""
@@ -56,7 +67,8 @@ def draw_samples(denoiser, *, n: int, labels, seed: int, sampler_cfg, batch_size
 
 def run_sampling(cfg: DictConfig) -> Path:
     from dpdm.diffusion.inference import prepare_for_sampling
-    from dpdm.training.checkpoint import checkpoint_dataset, load_checkpoint, load_ema_denoiser
+    from dpdm.training.checkpoint import (checkpoint_dataset, load_checkpoint, load_ema_denoiser, sampler_for,
+                                          sampler_overridden)
     from dpdm.utils.images import save_image_grid
 
     if cfg.n < 1:
@@ -72,7 +84,8 @@ def run_sampling(cfg: DictConfig) -> Path:
     net = denoiser.net
     shape = (net.in_channels, net.img_resolution, net.img_resolution)
     labels = class_labels_for(cfg.classes, cfg.n, net.num_classes)
-    x = draw_samples(denoiser, n=cfg.n, labels=labels, seed=cfg.seed, sampler_cfg=cfg.sampler,
+    sampler = sampler_for(ckpt, cfg.sampler, sampler_overridden(), log=log.info)
+    x = draw_samples(denoiser, n=cfg.n, labels=labels, seed=cfg.seed, sampler_cfg=sampler,
                      batch_size=cfg.batch_size, image_shape=shape, device=device)
     y = labels if labels is not None else torch.full((cfg.n,), -1)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,8 +95,8 @@ def run_sampling(cfg: DictConfig) -> Path:
     np.savez_compressed(tmp, x=x.numpy(), y=y.numpy().astype(np.int64),
                         dataset=np.array(checkpoint_dataset(ckpt) or ""))
     os.replace(tmp, target)
-    order = torch.argsort(y, stable=True)[: min(cfg.n, 100)]
-    save_image_grid(x[order], out / "grid.png", nrow=10)
+    rows, nrow = grid_rows(y, per_row=10)
+    save_image_grid(x[rows], out / "grid.png", nrow=nrow)
     log.info("wrote %s (%d samples) and %s", target, cfg.n, out / "grid.png")
     return target
 

@@ -46,9 +46,9 @@ def build_module(cfg: DictConfig, dm):
         ema_warmup=cfg.ema.warmup,
         max_physical_batch_size=cfg.max_physical_batch_size, secure_mode=p.secure_mode,
         seed=cfg.seed, noise_seed=p.get("noise_seed"), dp_engine=cfg.get("dp_engine", "fold"))
-    # Enough to rebuild the denoiser from a checkpoint alone (dpdm-sample).
+    # Enough to rebuild the denoiser from a checkpoint alone, and the sampler its preset chose (dpdm-sample).
     module.build_config = OmegaConf.to_container(
-        OmegaConf.masked_copy(cfg, ["net", "denoiser", "data"]), resolve=True)
+        OmegaConf.masked_copy(cfg, ["net", "denoiser", "data", "sampler"]), resolve=True)
     return module, plan
 
 

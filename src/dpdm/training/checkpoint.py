@@ -34,6 +34,36 @@ def checkpoint_dataset(ckpt: dict) -> str | None:
     return (ckpt["dpdm"].get("build_config") or {}).get("data", {}).get("name")
 
 
+def checkpoint_sampler(ckpt: dict) -> dict | None:
+    """The sampler config of the run that wrote the checkpoint (its preset's `sampler:`), if stored."""
+    return (ckpt["dpdm"].get("build_config") or {}).get("sampler")
+
+
+def sampler_for(ckpt: dict, configured, overridden: bool, log=None) -> dict:
+    """The sampler to draw with: the command line's when it names one (`sampler=`, `sampler.*=`), else the
+    training run's own (a preset's guidance and grid travel with its checkpoint), else the configured one."""
+    from dpdm.utils.configs import to_plain
+
+    stored = checkpoint_sampler(ckpt)
+    if overridden or not stored:
+        return dict(to_plain(configured))
+    if log is not None:
+        log("sampling with the training run's sampler (%s); pass sampler=... or sampler.<key>=... to change it"
+            % ", ".join(f"{k}={v}" for k, v in stored.items() if k in ("name", "num_steps", "guidance", "sigma_min")))
+    return dict(stored)
+
+
+def sampler_overridden() -> bool:
+    """Whether this Hydra command line sets the sampler group or any of its keys (True outside a Hydra
+    main, e.g. a config composed in code: then the composed sampler is what the caller asked for)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return True
+    return any(o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "sampler"
+               for o in HydraConfig.get().overrides.task)
+
+
 def load_ema_denoiser(ckpt: dict) -> Denoiser:
     """The EMA denoiser of a training checkpoint, rebuilt from the config stored with it."""
     cfg = ckpt["dpdm"].get("build_config")
