@@ -123,13 +123,9 @@ def sample_run(study: Study, run_dir: Path, sampler: str, progress=print) -> tup
 
 def score(samples_path: Path, evaluator, downstream: bool) -> dict:
     """Offline scores of a samples.npz: agreement with the requested labels, fd_classifier vs test."""
-    import numpy as np
-    import torch
+    from dpdm.evaluation.synthetic import samples_from_npz
 
-    from dpdm.evaluation.downstream import LabeledImages
-
-    with np.load(samples_path) as f:
-        samples = LabeledImages(torch.from_numpy(f["x"]), torch.from_numpy(f["y"]))
+    samples, _ = samples_from_npz(samples_path)
     metrics = ["fd_classifier", "real_cnn_on_synthetic"] + (["downstream"] if downstream else [])
     report = evaluator.evaluate(samples, metrics=metrics)
     m = report.metrics
