@@ -1,6 +1,7 @@
 """Reading dpdm checkpoints outside of Lightning (sampling, evaluation, accounting)."""
 from __future__ import annotations
 
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -18,15 +19,34 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    from dpdm.training.export import is_export, load_export
+
+    if is_export(path):  # a dpdm-export file: EMA weights and build config only
+        return load_export(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers only. A checkpoint is a pickle, and unpickling
+        # arbitrary objects runs code from the file; dpdm-sample / -evaluate / -privacy take files from
+        # other people. Everything dpdm and Lightning store passes this allow-list.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors and plain containers; "
+                "unpickling them could run code from the file, so dpdm refuses to load it. dpdm-train "
+                "checkpoints never hold such objects: use a checkpoint written by dpdm-train (or "
+                "dpdm-export), from a source you trust.") from None
+        raise _corrupted(path, e) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}). Use an earlier checkpoint "
-                              "or retrain; the file was left untouched.") from None
-    if "dpdm" not in ckpt or "state_dict" not in ckpt:
+        raise _corrupted(path, e) from None
+    if not isinstance(ckpt, dict) or "dpdm" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a dpdm-train checkpoint (no dpdm state)")
     return ckpt
+
+
+def _corrupted(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} is corrupted or truncated ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}). Use an earlier checkpoint "
+                           "or retrain; the file was left untouched.")
 
 
 def checkpoint_dataset(ckpt: dict) -> str | None:

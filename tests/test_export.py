@@ -1,0 +1,81 @@
+"""dpdm-export: the shareable file holds the EMA weights, the build config and the privacy record, nothing
+else; dpdm-sample draws the same samples from it as from the checkpoint; bad files get one message."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHRINK = ["experiment=smoke", "data.subset_size=40", "data.batch_size=10", "trainer.max_epochs=1",
+          "max_physical_batch_size=64", "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.num_steps=2"]
+
+
+def _run(*cmd, timeout=600):
+    env = dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(REPO / "data"))
+    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export") / "run"
+    proc = _run(BIN / "dpdm-train", *SHRINK, f"hydra.run.dir={d}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return d
+
+
+def test_export_holds_only_ema_weights_config_and_privacy(run):
+    from safetensors.torch import load_file, safe_open
+
+    proc = _run(BIN / "dpdm-export", run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = run / "export" / "model.safetensors"
+    assert f"wrote {out}" in proc.stdout and "ε=" in proc.stdout
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ema = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.")}
+    tensors = load_file(str(out))
+    assert tensors.keys() == ema.keys()
+    assert all(torch.equal(tensors[k], ema[k]) for k in ema)
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert set(meta) == {"format", "build_config", "privacy"}  # no optimizer, RNG or loop state
+    privacy, ledger = json.loads(meta["privacy"]), json.loads((run / "privacy.json").read_text())
+    assert privacy["epsilon"] == pytest.approx(ledger["epsilon"], rel=1e-9) and privacy["steps"] == ledger["steps"]
+    assert json.loads(meta["build_config"])["net"] == ckpt["dpdm"]["build_config"]["net"]
+    # A second export does not silently replace the first.
+    again = _run(BIN / "dpdm-export", run)
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_sampling_from_the_export_equals_sampling_from_the_checkpoint(run, tmp_path):
+    out = run / "export" / "model.safetensors"
+    if not out.exists():
+        assert _run(BIN / "dpdm-export", run).returncode == 0
+    draws = {}
+    for name, src in (("ckpt", run / "checkpoints" / "last.ckpt"), ("export", out)):
+        proc = _run(BIN / "dpdm-sample", f"ckpt={src}", "n=6", f"out={tmp_path / name}", "sampler.num_steps=3",
+                    "device=cpu")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        draws[name] = np.load(tmp_path / name / "samples.npz")
+    assert np.array_equal(draws["ckpt"]["x"], draws["export"]["x"])
+    assert np.array_equal(draws["ckpt"]["y"], draws["export"]["y"])
+    assert str(draws["export"]["dataset"]) == "mnist"
+
+
+@pytest.mark.parametrize("kind", ["garbage", "other_safetensors"])
+def test_a_bad_export_gets_one_message(kind, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    if kind == "garbage":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    else:
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "pt"})
+    proc = _run(BIN / "dpdm-sample", f"ckpt={path}", "n=2", f"out={tmp_path / 'o'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert ("not a readable safetensors file" if kind == "garbage" else "not a dpdm export") in proc.stderr
