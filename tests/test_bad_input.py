@@ -49,19 +49,55 @@ TRAIN_CASES = {
     "missing_checkpoint": (["ckpt_path={tmp}/nope.ckpt"], "does not exist"),
     "truncated_checkpoint": (["ckpt_path={truncated}"], "corrupted or truncated"),
     "corrupted_checkpoint": (["ckpt_path={garbage}"], "corrupted or truncated"),
+    "code_in_checkpoint": (["ckpt_path={evil}"], "could run code from the file"),
+    # Configs that would run another mechanism than the accountant counts (training/config_guard.py).
+    "fixed_batches_with_privacy": (["data.poisson_sampling=false"],
+                                   "data.poisson_sampling=false with privacy enabled is refused"),
+    "fp16_precision": (["trainer.precision=16-mixed"], "trainer.precision=16-mixed is refused"),
+    "lightning_replaces_the_sampler": (["trainer.use_distributed_sampler=true"],
+                                       "trainer.use_distributed_sampler=true with privacy enabled is refused"),
+    "gradient_accumulation": (["+trainer.accumulate_grad_batches=2"], "accumulate_grad_batches=2 is refused"),
+    "fewer_batches_per_epoch": (["+trainer.limit_train_batches=0.5"], "limit_train_batches=0.5 is refused"),
+    # Nothing computed from the private training split leaves the run unless asked for (docs/privacy.md).
+    "eval_against_training_split": (["callbacks=eval", "callbacks.eval_fid.evaluation.reference_splits=[train]"],
+                                    "the training split is the private data"),
 }
+
+
+class _RunsCodeWhenUnpickled:
+    """A checkpoint entry whose unpickling creates a file: stands for any code an attacker ships."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _code_checkpoint(path: Path) -> Path:
+    torch.save({"state_dict": {}, "dpdm": {}, "extra": _RunsCodeWhenUnpickled(path.with_suffix(".pwned"))}, path)
+    return path
+
+
+def test_the_code_checkpoint_really_runs_code_when_fully_unpickled(tmp_path):
+    # What the refusal protects against: the same file under weights_only=False creates its marker.
+    ckpt = _code_checkpoint(tmp_path / "evil.ckpt")
+    torch.load(ckpt, weights_only=False)
+    assert (tmp_path / "evil.pwned").exists()
 
 
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
 def test_train_bad_input(case, tmp_path):
     args, expected = TRAIN_CASES[case]
     subs = {"tmp": tmp_path, "truncated": _truncated_checkpoint(tmp_path / "t.ckpt"),
-            "garbage": _garbage_checkpoint(tmp_path / "g.ckpt")}
+            "garbage": _garbage_checkpoint(tmp_path / "g.ckpt"), "evil": _code_checkpoint(tmp_path / "evil.ckpt")}
     args = [a.format(**subs) for a in args]
     run_dir = tmp_path / "run"
     proc = _run("dpdm-train", [*SHRINK, *args, f"hydra.run.dir={run_dir}"])
     _assert_one_clear_message(proc, expected)
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "privacy.json").exists()
+    assert not (run_dir / "config.yaml").exists()  # refused before anything was written
+    assert not (tmp_path / "evil.pwned").exists()  # no code from a checkpoint ran
 
 
 def test_train_missing_data_says_how_to_get_it(tmp_path):
@@ -92,10 +128,23 @@ def test_train_refuses_to_overwrite_an_earlier_run_dir(tmp_path):
         assert (run_dir / rel).read_bytes() == data, rel
 
 
-@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "code"])
 def test_sample_bad_checkpoint(kind, tmp_path):
     ckpt = {"truncated": lambda: _truncated_checkpoint(tmp_path / "t.ckpt"),
-            "garbage": lambda: _garbage_checkpoint(tmp_path / "g.ckpt")}[kind]()
+            "garbage": lambda: _garbage_checkpoint(tmp_path / "g.ckpt"),
+            "code": lambda: _code_checkpoint(tmp_path / "evil.ckpt")}[kind]()
     proc = _run("dpdm-sample", [f"ckpt={ckpt}", "n=2", f"out={tmp_path / 'o'}"])
-    _assert_one_clear_message(proc, "corrupted or truncated")
+    _assert_one_clear_message(proc, "could run code" if kind == "code" else "corrupted or truncated")
     assert not (tmp_path / "o" / "samples.npz").exists()
+    assert not (tmp_path / "evil.pwned").exists()
+
+
+@pytest.mark.parametrize("tool", ["dpdm-evaluate", "dpdm-privacy"])
+def test_evaluate_and_privacy_refuse_a_checkpoint_that_would_run_code(tool, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = _code_checkpoint(run / "checkpoints" / "last.ckpt")
+    args = [str(ckpt), f"out={tmp_path / 'o'}"] if tool == "dpdm-evaluate" else ["epsilon", str(run)]
+    proc = _run(tool, args)
+    _assert_one_clear_message(proc, "could run code")
+    assert not (run / "checkpoints" / "last.pwned").exists()

@@ -183,7 +183,8 @@ def test_callback_logs_the_same_names_to_csv_and_json(work, tmp_path):
         output_dir=str(tmp_path), dataset="mnist", data_dir=str(REPO / "data"), every_n_epochs=1,
         num_samples=100, sampler={"name": "edm_heun", "num_steps": 18}, num_steps=2,
         evaluation={"metrics": ["fd_classifier", "real_cnn_on_synthetic", "downstream"],
-                    "cache_dir": str(work / "cache"), **FAST})
+                    "cache_dir": str(work / "cache"),
+                    **FAST, "real_classifier": {**FAST["real_classifier"], "train_split": "test"}})
     assert callback.sampler == {"name": "edm_heun", "num_steps": 2}
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=CSVLogger(tmp_path, name="csv", version=""),
                          callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
@@ -205,6 +206,32 @@ def test_callback_logs_the_same_names_to_csv_and_json(work, tmp_path):
     assert final["metrics"]["eval/real_cnn_acc_on_synthetic"] > 0.3
 
 
+@pytest.mark.parametrize("evaluation,words", [
+    ({"metrics": ["fid"], "reference_splits": ["train", "test"]}, "fid against the training split"),
+    ({"metrics": ["fd_classifier"], "reference_splits": ["test"]}, "trained on the training split"),
+    ({"metrics": ["real_cnn_on_synthetic"], "reference_splits": ["test"]}, "trained on the training split"),
+])
+def test_callback_refuses_the_private_training_split_unless_nonprivate_metrics_are_on(evaluation, words, tmp_path):
+    from dpdm.training.eval_callbacks import SyntheticDataEvaluation
+
+    with pytest.raises(ValueError, match=words):
+        SyntheticDataEvaluation(output_dir=str(tmp_path), dataset="mnist", evaluation=evaluation)
+    SyntheticDataEvaluation(output_dir=str(tmp_path), dataset="mnist", evaluation=evaluation,
+                            log_nonprivate_metrics=True)  # opt-in: allowed, and labelled (below)
+
+
+def test_opted_in_training_split_metrics_are_labelled_nonprivate():
+    from dpdm.evaluation.protocol import EvalSettings, private_data_metrics
+
+    metrics = {"eval/fid": 1.0, "eval/fid_test": 2.0, "eval/fd_classifier": 3.0, "eval/fd_classifier_test": 4.0,
+               "eval/real_cnn_acc_on_synthetic": 0.5, "eval/acc_cnn": 0.9}
+    paper = EvalSettings.from_dict({"reference_splits": ["train", "test"]})
+    assert private_data_metrics(paper, metrics) == {"eval/fid", "eval/fd_classifier", "eval/fd_classifier_test",
+                                                    "eval/real_cnn_acc_on_synthetic"}
+    public = EvalSettings.from_dict({"reference_splits": ["test"], "real_classifier": {"train_split": "test"}})
+    assert private_data_metrics(public, metrics) == set()
+
+
 def test_callbacks_eval_config_composes_with_the_defaults():
     cfg = _compose("train", ["callbacks=eval", "output_dir=/tmp/unused"])
     assert {"model_checkpoint", "privacy_ledger", "sample_grid", "eval_fid", "eval_downstream"} <= set(cfg.callbacks)
@@ -213,3 +240,8 @@ def test_callbacks_eval_config_composes_with_the_defaults():
     assert fid_cb.every == 10 and fid_cb.num_samples == 5000 and "fid" in fid_cb.settings.metrics
     assert fid_cb.sampler["name"] == cfg.sampler.name
     assert down_cb.every is None and down_cb.at_end and down_cb.settings.downstream.max_epochs == 50
+    # Private by default: public test-split references and a CNN trained on public data only.
+    assert fid_cb.settings.reference_splits == ("test",) and fid_cb.settings.real_classifier.train_split == "test"
+    with pytest.raises(Exception, match="training split is the private data"):
+        instantiate(_compose("train", ["callbacks=eval", "output_dir=/tmp/unused",
+                                       "callbacks.eval_fid.evaluation.reference_splits=[train]"]).callbacks.eval_fid)

@@ -106,3 +106,61 @@ def test_bf16_autocast_gives_fp32_per_example_grads_close_to_fp32(engine):
     err = torch.sqrt(sum((a - b).square().sum() for a, b in zip(grads["bf16"], grads["fp32"])))
     ref = torch.sqrt(sum(b.square().sum() for b in grads["fp32"]))
     assert 0 < err / ref < 0.05, (err / ref).item()
+
+
+class _RawScale(torch.nn.Module):
+    """A bare nn.Parameter outside any supported layer (Opacus would fall back to functorch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(4, 1, 1))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+# Layers no engine may train: (factory, words of the refusal).
+REFUSED_LAYERS = {
+    "batchnorm_affine": (lambda: torch.nn.BatchNorm2d(4), "mixes the examples"),
+    "batchnorm_no_affine": (lambda: torch.nn.BatchNorm2d(4, affine=False), "mixes the examples"),
+    "batchnorm_no_affine_no_stats": (lambda: torch.nn.BatchNorm2d(4, affine=False, track_running_stats=False),
+                                     "mixes the examples"),
+    "instancenorm_running_stats": (lambda: torch.nn.InstanceNorm2d(4, track_running_stats=True),
+                                   "state outside the DP mechanism"),
+    "layernorm": (lambda: torch.nn.LayerNorm([4, 6, 6]), "no per-example gradient rule"),
+    "grouped_conv": (lambda: torch.nn.Conv2d(4, 4, 3, groups=2), "no per-example gradient rule"),
+    "same_padding_conv": (lambda: torch.nn.Conv2d(4, 4, 3, padding="same"), "no per-example gradient rule"),
+    "reflect_conv": (lambda: torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                     "no per-example gradient rule"),
+    "conv_transpose": (lambda: torch.nn.ConvTranspose2d(4, 4, 2), "no per-example gradient rule"),
+    "raw_parameter": (_RawScale, "no per-example gradient rule"),
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("layer", sorted(REFUSED_LAYERS))
+def test_every_engine_refuses_coupling_stateful_and_unsupported_layers(layer, engine):
+    make, words = REFUSED_LAYERS[layer]
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), make())
+    with pytest.raises(ValueError, match=words):
+        make_per_example_engine(net, noise_multiplicity=2, engine=engine)
+
+
+def test_the_refused_norm_layers_really_couple_examples_or_keep_data_state():
+    """Independent evidence behind the refusals: in training mode a BatchNorm without parameters makes one
+    example's output depend on another example, and InstanceNorm's running statistics move with the data;
+    GroupNorm (allowed) does neither."""
+    x = torch.randn(2, 4, 6, 6)
+    x2 = x.clone()
+    x2[1] += 3.0  # change example 1 only
+    bn = torch.nn.BatchNorm2d(4, affine=False, track_running_stats=False).train()
+    assert not torch.allclose(bn(x)[0], bn(x2)[0])
+    gn = torch.nn.GroupNorm(2, 4).train()
+    assert torch.allclose(gn(x)[0], gn(x2)[0])
+    inorm = torch.nn.InstanceNorm2d(4, track_running_stats=True).train()
+    before = inorm.running_mean.clone()
+    inorm(x + 1.0)
+    assert not torch.equal(inorm.running_mean, before)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), gn)
+    for engine in ENGINES:
+        make_per_example_engine(net, noise_multiplicity=2, engine=engine).cleanup()

@@ -133,3 +133,45 @@ def test_resume_that_changes_the_mechanism_is_refused(full_run, tmp_path, overri
     assert "Traceback" not in proc.stderr
     assert _files(full_run) == before
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override", ["seed=1", "data.subset_size=50"])
+def test_resume_on_other_private_data_is_refused(full_run, tmp_path, override):
+    # seed=1 draws another 40-example subset (data.seed follows seed): same N, same plan, other people.
+    # The accountant's history belongs to the data it was spent on. (subset_size=50 changes N as well.)
+    before = _files(full_run)
+    proc = _train(override, f"ckpt_path={full_run / 'checkpoints/last.ckpt'}",
+                  f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert ("trained on other data" in proc.stderr if override == "seed=1"
+            else "changes the privacy mechanism" in proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert _files(full_run) == before
+
+
+def test_two_resumes_of_one_checkpoint_draw_independent_noise_and_batches(tmp_path):
+    """A checkpoint cannot fork the noise: without known seeds it holds no noise or sampler state, and each
+    resume draws fresh OS-entropy noise and batches. If both forks replayed the same stream, their weights
+    would be identical and their difference noise-free (docs/privacy.md)."""
+    private = [a for a in SHRINK if not a.startswith(("privacy.noise_seed", "data.sampler_seed"))]
+    origin = tmp_path / "origin"
+
+    def train(*extra):
+        return subprocess.run([str(BIN / "dpdm-train"), *private, *extra], cwd=REPO, env=_env(),
+                              capture_output=True, text=True, timeout=600)
+
+    proc = train(f"hydra.run.dir={origin}", "callbacks.model_checkpoint.save_top_k=-1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first_epoch = next((origin / "checkpoints").glob("epoch=0-*.ckpt"))
+    state = _load(first_epoch)
+    assert "noise_rng" not in state["dpdm"] and "accountant" in state["dpdm"]
+    assert not any("sampler_generator_state" in v for v in state.values() if isinstance(v, dict))
+    finals = []
+    for fork in ("a", "b"):
+        proc = train(f"ckpt_path='{first_epoch}'", f"hydra.run.dir={tmp_path / fork}")  # quoted: '=' in name
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        resumed = json.loads((tmp_path / fork / "privacy.json").read_text())
+        assert resumed["steps"] == TOTAL_STEPS  # the accountant continued from the checkpoint
+        finals.append(_load(tmp_path / fork / "checkpoints" / "last.ckpt")["state_dict"])
+    weights = [k for k in finals[0] if not k.startswith("ema.")]
+    assert any(not torch.equal(finals[0][k], finals[1][k]) for k in weights)

@@ -73,8 +73,11 @@ def test_wandb_runs_are_offline_one_per_job_and_grouped_by_sweep(sweep):
         # The run record carries the group (the sweep dir) and the job's name (the swept values).
         assert str(sweep).encode() in record
         assert f"{job.name}:privacy.epsilon=".encode() in record
-        for key in (b"train/loss", b"privacy/epsilon", b"train/noised_images_per_s", b"privacy/epsilon_final"):
+        for key in (b"privacy/epsilon", b"train/expected_noised_images_per_s", b"privacy/epsilon_final"):
             assert key in record, key
+        # Private by default: nothing computed from the private data without noise reaches wandb.
+        for key in (b"train/loss", b"nonprivate/", b"train/batch_size"):
+            assert key not in record, key
         assert list((offline[0] / "files" / "media" / "images").glob("samples_*.png"))  # the sample grid
     assert len({p.name for p in runs.values()}) == 4
 
@@ -85,7 +88,7 @@ def test_dpdm_report_table_and_csv(sweep, tmp_path):
     table = proc.stdout
     print(table)
     lines = [line for line in table.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| job | status | overrides | ε target | ε spent | K | steps | final loss")
+    assert lines[0].startswith("| job | status | overrides | ε target | ε spent | K | steps | final loss (non-private)")
     assert len(lines) == 1 + 4
     with (tmp_path / "report.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -96,7 +99,8 @@ def test_dpdm_report_table_and_csv(sweep, tmp_path):
         assert set(r["overrides"].split()) == {f"privacy.epsilon={float(r['epsilon_target']):g}",
                                                f"loss.noise_multiplicity={r['noise_multiplicity']}"}
         assert float(r["epsilon_spent"]) <= float(r["epsilon_target"])
-        assert int(r["steps"]) == 2 and float(r["final_loss"]) > 0 and float(r["wall_time_s"]) > 0
+        assert int(r["steps"]) == 2 and float(r["wall_time_s"]) > 0
+        assert r["nonprivate_final_loss"] == ""  # not logged unless privacy.log_nonprivate_metrics=true
         assert r["acc_cnn_pct"] == "" and r["fid"] == ""  # not evaluated
     assert "Common to all jobs: `experiment=smoke" in table
     assert (tmp_path / "report.md").read_text().strip() == table.split("\n\nwrote")[0].strip()

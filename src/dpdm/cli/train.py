@@ -45,7 +45,8 @@ def build_module(cfg: DictConfig, dm):
         weight_decay=cfg.optim.weight_decay, ema_rate=cfg.ema.rate,
         ema_warmup=cfg.ema.warmup,
         max_physical_batch_size=cfg.max_physical_batch_size, secure_mode=p.secure_mode,
-        seed=cfg.seed, noise_seed=p.get("noise_seed"), dp_engine=cfg.get("dp_engine", "fold"))
+        seed=cfg.seed, noise_seed=p.get("noise_seed"), dp_engine=cfg.get("dp_engine", "fold"),
+        log_nonprivate_metrics=bool(p.get("log_nonprivate_metrics", False)))
     # Enough to rebuild the denoiser from a checkpoint alone, and the sampler its preset chose (dpdm-sample).
     module.build_config = OmegaConf.to_container(
         OmegaConf.masked_copy(cfg, ["net", "denoiser", "data", "sampler"]), resolve=True)
@@ -66,6 +67,9 @@ def run_training(cfg: DictConfig) -> dict:
     import torch
 
     OmegaConf.resolve(cfg)  # one consistent, fully interpolated config for every component
+    from dpdm.training.config_guard import check_mechanism_config
+
+    check_mechanism_config(cfg)  # a config the accountant would not describe is refused before any write
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not _writable(out):
@@ -79,14 +83,15 @@ def run_training(cfg: DictConfig) -> dict:
     module, plan = build_module(cfg, dm)
     log.info(describe_plan(plan))
     if cfg.ckpt_path is not None:  # refuse before anything in the run dir is (over)written
-        check_resume(cfg.ckpt_path, plan)
+        check_resume(cfg.ckpt_path, plan, cfg.data)
+    # Callbacks first: one that would release non-private metrics refuses here, before any file is written.
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     from dpdm.experiments.tracking import configure_wandb, finish_loggers, log_run_config
 
     configure_wandb(cfg)  # offline unless WANDB_MODE is set; one run per sweep job, grouped by sweep
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     log_run_config(loggers, cfg, plan)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
         from pytorch_lightning.callbacks import ProgressBar
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -101,10 +106,11 @@ def run_training(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.time() - t0, 1),
         "epochs_completed": trainer.current_epoch,
         "optimizer_steps": int(trainer.global_step),
-        "train_loss_last": _last_metric(trainer, "train/loss"),
         "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
         "sample_grids": sorted(str(p) for p in (out / "samples").glob("*.png")),
     }
+    if module.log_nonprivate:  # opt-in, labelled: computed from the private data without noise
+        summary["nonprivate"] = {"train_loss_last": _last_metric(trainer, "nonprivate/train_loss")}
     if trainer.is_global_zero:  # trainer=ddp: every rank returns here; one writes the run's files
         write_json_atomic(out / "summary.json", summary)
     finish_loggers(loggers, summary)
@@ -131,15 +137,18 @@ def check_run_dir(out: Path, ckpt_path) -> None:
         f"ckpt_path={out}/checkpoints/last.ckpt hydra.run.dir={out}.")
 
 
-def check_resume(ckpt_path, plan) -> None:
-    """Before fit: the checkpoint is readable, has the same mechanism, and has budget/steps left."""
+def check_resume(ckpt_path, plan, data_cfg=None) -> None:
+    """Before fit: the checkpoint is readable, has the same mechanism and data, and has budget/steps left."""
     from dpdm.privacy.accounting import epsilon_from_history
     from dpdm.training.checkpoint import load_checkpoint
+    from dpdm.training.config_guard import check_same_data
     from dpdm.training.module import budget_exhausted, check_same_mechanism
 
     ckpt = load_checkpoint(ckpt_path)
     state = ckpt["dpdm"]
     check_same_mechanism(state["plan"], plan.to_dict())
+    if data_cfg is not None and plan.enabled:
+        check_same_data(state.get("build_config"), data_cfg)
     if plan.enabled:
         history = (state.get("accountant") or {}).get("history", [])
         steps = sum(int(n) for _, _, n in history)

@@ -95,6 +95,7 @@ class ImageDataModule(pl.LightningDataModule):
         # Privacy amplification by subsampling assumes the adversary cannot know which examples are in
         # which batch: the Poisson sampler is seeded from OS entropy unless sampler_seed is given (for
         # reproducible runs, which void the guarantee against whoever knows that seed).
+        self.sampler_seed_known = sampler_seed is not None
         if sampler_seed is None:
             sampler_seed = os_seed()
         self.sampler_generator = torch.Generator().manual_seed(int(sampler_seed))
@@ -218,9 +219,16 @@ class ImageDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
+        # As the DP noise (module.on_save_checkpoint): the batches continue from the checkpoint only when
+        # the sampler seed is known anyway; otherwise a resume samples fresh OS-entropy batches, so runs
+        # forked from one checkpoint do not replay the same batches.
+        if not self.sampler_seed_known:
+            return {}
         return {"sampler_generator_state": self.sampler_generator.get_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "sampler_generator_state" not in state_dict or not self.sampler_seed_known:
+            return  # keep this process's fresh OS-entropy stream
         # A checkpoint loaded with a GPU map_location may hand back a CUDA
         # tensor; generator state must be a CPU ByteTensor.
         state = torch.as_tensor(state_dict["sampler_generator_state"]).to("cpu", torch.uint8)

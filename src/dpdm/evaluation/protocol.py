@@ -25,7 +25,7 @@ from dpdm.evaluation.real_classifier import (RealClassifier, RealClassifierSetti
                                              classifier_frechet_distance, load_or_train_real_classifier)
 
 __all__ = ["METRIC_GROUPS", "DownstreamSettings", "EvalReport", "EvalSettings", "Evaluator", "FIDSettings",
-           "metric_key"]
+           "metric_key", "private_data_metrics", "private_data_uses"]
 
 log = logging.getLogger("dpdm.evaluate")
 
@@ -35,6 +35,27 @@ METRIC_GROUPS = ("fid", "fd_classifier", "downstream", "real_cnn_on_synthetic")
 def metric_key(group: str, split: str = "train") -> str:
     """`eval/fid` against the training set (the paper's reference), `eval/fid_test` against the test set."""
     return f"eval/{group}" if split == "train" else f"eval/{group}_{split}"
+
+
+def private_data_uses(settings: EvalSettings) -> list[str]:
+    """What these settings compute from the real *training* split (the private data of a dpdm run)."""
+    uses = []
+    distances = [g for g in ("fid", "fd_classifier") if g in settings.metrics]
+    if distances and "train" in settings.reference_splits:
+        uses.append(f"{' and '.join(distances)} against the training split (evaluation.reference_splits)")
+    if (settings.real_classifier.train_split == "train"
+            and {"fd_classifier", "real_cnn_on_synthetic"} & set(settings.metrics)):
+        uses.append("the real-data CNN of fd_classifier / real_cnn_on_synthetic, trained on the training split "
+                    "(evaluation.real_classifier.train_split)")
+    return uses
+
+
+def private_data_metrics(settings: EvalSettings, metrics: dict[str, float]) -> set[str]:
+    """The keys of `metrics` that depend on the real training split under these settings."""
+    out = {metric_key(g, "train") for g in ("fid", "fd_classifier")} if "train" in settings.reference_splits else set()
+    if settings.real_classifier.train_split == "train":
+        out |= {k for k in metrics if k.startswith("eval/fd_classifier")} | {"eval/real_cnn_acc_on_synthetic"}
+    return out & set(metrics)
 
 
 @dataclass(frozen=True)
@@ -145,8 +166,15 @@ class Evaluator:
 
     def real_cnn(self) -> RealClassifier:
         if self._real_cnn is None:
+            s = self.settings.real_classifier
+            train, check = self.real("train"), self.real("test")
+            if s.train_split == "test":  # public data only: 4/5 of the test split to train, 1/5 to check
+                test = self.real("test")
+                perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(s.seed))
+                n_check = len(test) // 5
+                train, check = test.subset(perm[n_check:].sort().values), test.subset(perm[:n_check].sort().values)
             self._real_cnn = load_or_train_real_classifier(
-                dataset=self.dataset, train=self.real("train"), test=self.real("test"),
+                dataset=self.dataset, train=train, test=check,
                 cache_dir=self.cache_dir, settings=self.settings.real_classifier,
                 num_classes=self.info.num_classes, device=self.device, log=log.info)
         return self._real_cnn

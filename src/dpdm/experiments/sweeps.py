@@ -3,7 +3,7 @@
 Everything is read from files every run writes, so the table needs no wandb:
 `.hydra/overrides.yaml` (the job's command-line overrides), `privacy.json` (ε target and spent, δ, σ,
 K, steps), `summary.json` (final loss, wall time; its absence means the job did not finish),
-`csv/metrics.csv` (the last train/loss if summary.json has none), and evaluation results if any:
+`csv/metrics.csv` (the last nonprivate/train_loss if summary.json has none; only logged on request), and evaluation results if any:
 `eval/*_final.json` (callbacks=eval) and `eval.json` files below the run dir (dpdm-evaluate).
 """
 from __future__ import annotations
@@ -17,11 +17,11 @@ from dpdm.utils.jsonio import read_json
 
 # One row per run; the CSV has these columns in this order. Accuracies are percentages.
 COLUMNS = ["job", "status", "dataset", "overrides", "epsilon_target", "epsilon_spent", "delta", "noise_multiplicity",
-           "steps", "planned_steps", "batch_size", "noise_multiplier", "final_loss", "wall_time_s",
+           "steps", "planned_steps", "batch_size", "noise_multiplier", "nonprivate_final_loss", "wall_time_s",
            "acc_logreg_pct", "acc_mlp_pct", "acc_cnn_pct", "fid", "fid_note", "fd_classifier",
            "real_cnn_acc_on_synthetic_pct", "eval_files", "run_dir", "all_overrides"]
 NUMERIC = {"epsilon_target", "epsilon_spent", "delta", "noise_multiplicity", "steps", "planned_steps",
-           "batch_size", "noise_multiplier", "final_loss", "wall_time_s", "acc_logreg_pct", "acc_mlp_pct",
+           "batch_size", "noise_multiplier", "nonprivate_final_loss", "wall_time_s", "acc_logreg_pct", "acc_mlp_pct",
            "acc_cnn_pct", "fid", "fd_classifier", "real_cnn_acc_on_synthetic_pct"}
 NO_INCEPTION = "not computed (no Inception weights)"
 
@@ -68,14 +68,15 @@ def _dataset(run: Path) -> str | None:
 
 
 def _last_train_loss(run: Path) -> float | None:
+    """The last non-private training loss in the run's CSV log (only there with the opt-in switch)."""
     path = run / "csv" / "metrics.csv"
     if not path.is_file():
         return None
     last = None
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
-            if row.get("train/loss"):
-                last = float(row["train/loss"])
+            if row.get("nonprivate/train_loss"):
+                last = float(row["nonprivate/train_loss"])
     return last
 
 
@@ -125,7 +126,8 @@ def collect_run(run: Path, root: Path | None = None) -> dict[str, Any]:
         v = metrics.get(key)
         return None if v is None else 100.0 * v
 
-    final_loss = (summary or {}).get("train_loss_last")
+    # Not DP: present only in runs with privacy.log_nonprivate_metrics=true (or privacy=none).
+    final_loss = ((summary or {}).get("nonprivate") or {}).get("train_loss_last")
     if final_loss is None:
         final_loss = _last_train_loss(run)
     base = root if root is not None and run != root else run.parent
@@ -142,7 +144,7 @@ def collect_run(run: Path, root: Path | None = None) -> dict[str, Any]:
         "planned_steps": privacy.get("planned_steps"),
         "batch_size": privacy.get("expected_batch_size"),
         "noise_multiplier": privacy.get("noise_multiplier"),
-        "final_loss": final_loss,
+        "nonprivate_final_loss": final_loss,
         "wall_time_s": (summary or {}).get("wall_time_s"),
         "acc_logreg_pct": pct("eval/acc_logreg"),
         "acc_mlp_pct": pct("eval/acc_mlp"),
@@ -190,14 +192,14 @@ def _fmt(value, digits=4) -> str:
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     """The table a person reads: swept overrides, privacy, training and (if evaluated) the metrics."""
     evaluated = any(r["eval_files"] for r in rows)
-    head = ["job", "status", "overrides", "ε target", "ε spent", "K", "steps", "final loss", "wall time (s)"]
+    head = ["job", "status", "overrides", "ε target", "ε spent", "K", "steps", "final loss (non-private)", "wall time (s)"]
     if evaluated:
         head += ["LogReg %", "MLP %", "CNN %", "FID", "fd_classifier"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["job"], r["status"], f"`{r['overrides']}`" if r["overrides"] else "",
                  _fmt(r["epsilon_target"]), _fmt(r["epsilon_spent"]), _fmt(r["noise_multiplicity"]),
-                 _fmt(r["steps"]), _fmt(r["final_loss"]), _fmt(r["wall_time_s"], 6)]
+                 _fmt(r["steps"]), _fmt(r["nonprivate_final_loss"]), _fmt(r["wall_time_s"], 6)]
         if evaluated:
             fid = _fmt(r["fid"]) or (r["fid_note"] or "" if r["eval_files"] else "")
             cells += [_fmt(r["acc_logreg_pct"]), _fmt(r["acc_mlp_pct"]), _fmt(r["acc_cnn_pct"]), fid,

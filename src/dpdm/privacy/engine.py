@@ -17,7 +17,7 @@ from torch import nn
 
 from dpdm.privacy.accounting import _check_accountant
 from dpdm.privacy.noise_multiplicity import NoiseMultiplicityGradSampleHooks
-from dpdm.privacy.per_example_grads import PerExampleGradients
+from dpdm.privacy.per_example_grads import PerExampleGradients, unsupported_layer
 from dpdm.utils.seeds import os_seed
 
 # How per-example gradients are computed (docs/performance.md has the measurements behind the default):
@@ -37,13 +37,38 @@ class DPComponents:
     noise_generator: torch.Generator
 
 
+def dp_layer_problems(module: nn.Module) -> list[str]:
+    """Every layer that would break DP-SGD's per-example guarantee, whatever the engine.
+
+    Looks at all modules, not only those with trainable parameters: a BatchNorm(affine=False) has none
+    but still couples the examples of a batch, and buffers (running statistics) are state computed from
+    the private data outside the mechanism, which would reach the EMA and the checkpoint un-noised.
+    """
+    problems = []
+    for name, sub in module.named_modules():
+        label = f"{name or '<network>'} ({type(sub).__name__})"
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):  # BatchNorm1d/2d/3d, SyncBatchNorm, lazy ones
+            problems.append(f"{label}: batch normalisation mixes the examples of a batch (one example changes "
+                            "another's gradient); use GroupNorm")
+            continue
+        buffers = [n for n, _ in sub.named_buffers(recurse=False)]
+        if buffers:
+            problems.append(f"{label}: buffers {buffers} are state outside the DP mechanism (e.g. running "
+                            "statistics of the private data); use layers without buffers (GroupNorm, "
+                            "InstanceNorm with track_running_stats=False)")
+        why = unsupported_layer(sub)
+        if why:
+            problems.append(f"{label}: {why}")
+    return problems
+
+
 def validate_for_dp(module: nn.Module) -> None:
-    """Refuse layers that mix examples (BatchNorm) or that Opacus cannot differentiate per example."""
-    errors = ModuleValidator.validate(module, strict=False)
-    if errors:
-        lines = "\n  ".join(str(e) for e in errors)
-        raise ValueError(f"The network cannot be trained with DP-SGD:\n  {lines}\n"
-                         "Use GroupNorm instead of BatchNorm and only Opacus-supported layers.")
+    """Refuse layers that couple examples, keep data-dependent state, or have no exact per-example rule
+    (the same set for every engine); then Opacus' own validator."""
+    problems = dp_layer_problems(module) + [str(e) for e in ModuleValidator.validate(module, strict=False)]
+    if problems:
+        lines = "\n  ".join(problems)
+        raise ValueError(f"The network cannot be trained with DP-SGD:\n  {lines}")
 
 
 def check_engine(name: str) -> str:
@@ -54,7 +79,9 @@ def check_engine(name: str) -> str:
 
 def make_per_example_engine(module: nn.Module, *, noise_multiplicity: int, engine: str = "fold"):
     """The object whose `capture()` / `backward(per_example_losses)` fill p.grad_sample."""
-    if check_engine(engine) == "opacus":
+    check_engine(engine)
+    validate_for_dp(module)  # every engine refuses the same layers
+    if engine == "opacus":
         return NoiseMultiplicityGradSampleHooks(module, noise_multiplicity=noise_multiplicity)
     return PerExampleGradients(module, noise_multiplicity=noise_multiplicity,
                                conv_method="unfold" if engine == "fold_unfold" else "grouped")
@@ -65,7 +92,6 @@ def make_dp_components(module: nn.Module, optimizer: torch.optim.Optimizer, *,
                        sample_rate: float, noise_multiplicity: int, accountant: str = "rdp",
                        secure_mode: bool = False, noise_seed: int | None = None,
                        engine: str = "fold") -> DPComponents:
-    validate_for_dp(module)
     per_example = make_per_example_engine(module, noise_multiplicity=noise_multiplicity, engine=engine)
     # The noise must be unpredictable to the adversary: by default its generator is seeded from OS
     # entropy. A fixed noise_seed makes runs reproducible but voids the guarantee against anyone who

@@ -32,6 +32,22 @@ SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.Embedding)
 CONV_METHODS = ("grouped", "unfold")
 
 
+def unsupported_layer(sub: nn.Module) -> str | None:
+    """Why no per-example gradient rule covers this module's own trainable parameters, or None.
+
+    The one rule for every engine (dp_engine=opacus too): what fold cannot differentiate per example
+    exactly, no engine trains.
+    """
+    if not [p for p in sub.parameters(recurse=False) if p.requires_grad]:
+        return None
+    if not isinstance(sub, SUPPORTED) or (isinstance(sub, nn.Conv2d) and (
+            sub.groups != 1 or isinstance(sub.padding, str) or sub.padding_mode != "zeros")) or (
+            isinstance(sub, nn.Embedding) and (sub.padding_idx is not None or sub.max_norm is not None)):
+        return ("has parameters but no per-example gradient rule; use Conv2d (groups=1, numeric zero "
+                "padding), Linear, GroupNorm or Embedding (no padding_idx or max_norm).")
+    return None
+
+
 @dataclass
 class _Record:
     module: nn.Module
@@ -60,17 +76,11 @@ class PerExampleGradients:
         if self.conv_method not in CONV_METHODS:
             raise ValueError(f"conv_method must be one of {CONV_METHODS}, got {self.conv_method!r}")
         for name, sub in self.module.named_modules():
-            own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
-            if not own:
+            if not [p for p in sub.parameters(recurse=False) if p.requires_grad]:
                 continue
-            if not isinstance(sub, SUPPORTED) or (isinstance(sub, nn.Conv2d) and (
-                    sub.groups != 1 or isinstance(sub.padding, str) or sub.padding_mode != "zeros")) or (
-                    isinstance(sub, nn.Embedding) and (sub.padding_idx is not None
-                                                       or sub.max_norm is not None)):
-                raise ValueError(f"Layer {name or type(sub).__name__} ({type(sub).__name__}) has "
-                                 "parameters but no per-example gradient rule; use Conv2d (groups=1, numeric "
-                                 "zero padding), Linear, GroupNorm or Embedding (no padding_idx or "
-                                 "max_norm).")
+            why = unsupported_layer(sub)
+            if why:
+                raise ValueError(f"Layer {name or type(sub).__name__} ({type(sub).__name__}): {why}")
             self._handles.append(sub.register_forward_hook(self._record))
 
     # ---- capture --------------------------------------------------------------------------------

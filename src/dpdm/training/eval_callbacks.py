@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from dpdm.evaluation import EvalSettings, Evaluator, draw_synthetic_set
+from dpdm.evaluation.protocol import private_data_metrics, private_data_uses
 from dpdm.utils.configs import to_plain
 from dpdm.utils.jsonio import write_json_atomic
 from dpdm.utils.images import to_uint8
@@ -26,13 +27,25 @@ __all__ = ["SyntheticDataEvaluation"]
 log = logging.getLogger("dpdm.train")
 
 
+def check_release(name: str, settings: EvalSettings, log_nonprivate_metrics: bool) -> None:
+    """Refuse an evaluation that reads the private training split unless non-private metrics are on."""
+    uses = private_data_uses(settings)
+    if uses and not log_nonprivate_metrics:
+        raise ValueError(
+            f"callbacks.{name} would compute {'; '.join(uses)}: the training split is the private data, and "
+            "these metrics would leave the run without DP. Use the public test split "
+            f"(callbacks.{name}.evaluation.reference_splits=[test], "
+            f"callbacks.{name}.evaluation.real_classifier.train_split=test: the defaults), or set "
+            "privacy.log_nonprivate_metrics=true to log them as labelled non-private diagnostics.")
+
+
 class SyntheticDataEvaluation(pl.Callback):
     """Evaluate samples of the EMA denoiser every `every_n_epochs` epochs (None: never) and at the end."""
 
     def __init__(self, *, output_dir: str, dataset: str, data_dir: str | None = None, name: str = "eval",
                  every_n_epochs: int | None = 1, at_end: bool = True, num_samples: int = 5000, seed: int = 0,
                  sample_batch_size: int = 500, sampler: dict | None = None, num_steps: int | None = None,
-                 evaluation: dict | None = None) -> None:
+                 evaluation: dict | None = None, log_nonprivate_metrics: bool = False) -> None:
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1 or null, got {every_n_epochs}")
         self.dir = Path(output_dir) / "eval"
@@ -43,6 +56,7 @@ class SyntheticDataEvaluation(pl.Callback):
         if num_steps is not None:
             self.sampler["num_steps"] = int(num_steps)
         self.settings = EvalSettings.from_dict(to_plain(evaluation))
+        check_release(name, self.settings, log_nonprivate_metrics)
         self.dataset, self.data_dir = dataset, data_dir
         self._evaluator: Evaluator | None = None
         self._last_step: int | None = None
@@ -87,6 +101,9 @@ class SyntheticDataEvaluation(pl.Callback):
         samples, val = draw_synthetic_set(sample_fn, num_samples=self.num_samples, num_held_out=held_out,
                                           num_classes=num_classes, seed=self.seed, batch_size=self.batch_size)
         report = self._evaluator.evaluate(samples, held_out=val)
+        # Metrics computed from the training split (only with the opt-in switch) are named as such.
+        for k in private_data_metrics(self.settings, report.metrics):
+            report.metrics[f"nonprivate/{k}"] = report.metrics.pop(k)
         eps = pl_module.epsilon_spent() if hasattr(pl_module, "epsilon_spent") else None
         result = {"epoch": trainer.current_epoch, "global_step": trainer.global_step,
                   "epsilon": None if eps is None or eps == float("inf") else eps, **report.to_dict(),

@@ -59,7 +59,7 @@ class DPDiffusionModule(pl.LightningModule):
                  pixel_reduction: str = "sum", lr: float = 3e-4, betas=(0.9, 0.999),
                  weight_decay: float = 0.0, ema_rate: float = 0.999, ema_warmup: bool = False,
                  max_physical_batch_size: int = 256, secure_mode: bool = False, seed: int = 0,
-                 noise_seed: int | None = None, dp_engine: str = "fold"):
+                 noise_seed: int | None = None, dp_engine: str = "fold", log_nonprivate_metrics: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.denoiser = Denoiser(net, preconditioning or EDMPreconditioning())
@@ -73,6 +73,10 @@ class DPDiffusionModule(pl.LightningModule):
         self.max_physical = max_physical_batch_size
         self.secure_mode, self.seed, self.noise_seed = secure_mode, seed, noise_seed
         self.dp_engine = check_engine(dp_engine)
+        # Off by default: the training loss and the sampled batch size are computed from the private data
+        # without noise; `privacy.log_nonprivate_metrics=true` logs them under nonprivate/ (docs/privacy.md).
+        self.log_nonprivate = log_nonprivate_metrics
+        self._epoch_step_time, self._epoch_steps = 0.0, 0
         self.dp: DPComponents | None = None
         self._restored: dict | None = None
         self._diffusion_gen: torch.Generator | None = None
@@ -178,11 +182,15 @@ class DPDiffusionModule(pl.LightningModule):
         update_ema(self.ema, self.denoiser,
                    ema_rate_at(self.steps_taken - 1, self.ema_rate, self.ema_warmup))
         dt = time.perf_counter() - t0
-        self.log_dict({"train/loss": total / max(n, 1), "train/batch_size": float(n),
-                       "train/noised_images_per_s": n * self.K / dt},
-                      on_step=True, on_epoch=False, prog_bar=False, batch_size=max(n, 1))
-        self.log("img/s", n * self.K / dt, prog_bar=True, on_step=True, on_epoch=False,
-                 logger=False, batch_size=max(n, 1))
+        self._epoch_step_time += dt
+        self._epoch_steps += 1
+        if self.log_nonprivate:
+            self.log_dict({"nonprivate/train_loss": total / max(n, 1), "nonprivate/batch_size": float(n),
+                           "nonprivate/noised_images_per_s": n * self.K / dt},
+                          on_step=True, on_epoch=False, prog_bar=False, batch_size=max(n, 1))
+        # The console bar's rate uses the plan's expected batch (public), never the sampled one; not logged.
+        self.log("img/s", self.plan.expected_batch_size * self.K / dt, prog_bar=True, on_step=True,
+                 on_epoch=False, logger=False, batch_size=max(n, 1))
         return None
 
     def _full_precision(self):
@@ -200,6 +208,11 @@ class DPDiffusionModule(pl.LightningModule):
         pass
 
     def on_train_epoch_end(self):
+        if self._epoch_steps:
+            # Throughput over the epoch's steps at the expected batch: no single batch's size shows.
+            self.log("train/expected_noised_images_per_s",
+                     self._epoch_steps * self.plan.expected_batch_size * self.K / self._epoch_step_time)
+            self._epoch_step_time, self._epoch_steps = 0.0, 0
         eps = self.epsilon_spent()
         self.log("privacy/epsilon", eps if self.plan.enabled else -1.0)  # the bar shows ε itself
         self.log("privacy/steps", float(self.steps_taken))
@@ -232,7 +245,12 @@ class DPDiffusionModule(pl.LightningModule):
         state = {"plan": self.plan.to_dict(), "build_config": self.build_config}
         if self.dp is not None:
             state["accountant"] = self.dp.accountant.state_dict()
-            state["noise_rng"] = self.dp.noise_generator.get_state()
+            if self.noise_seed is not None:
+                # Only a run with a known noise seed (reproducible by choice, no guarantee against whoever
+                # knows the seed) carries its noise stream on. Otherwise the state is not saved: a resume
+                # draws fresh OS-entropy noise, so two runs forked from one checkpoint never share noise
+                # (their difference would be noise-free), and a shared checkpoint reveals no past noise.
+                state["noise_rng"] = self.dp.noise_generator.get_state()
         if self._diffusion_gen is not None:
             state["diffusion_rng"] = self._diffusion_gen.get_state()
         checkpoint["dpdm"] = state
