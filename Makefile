@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 RUN_DIR ?= runs/quickstart
 
-.PHONY: install data data-mnist quickstart test test-slow bench clean-runs help reproduce-mnist reproduce-fmnist reproduce-mnist-fast
+.PHONY: install data data-mnist quickstart test test-slow bench clean-runs help reproduce-mnist reproduce-fmnist reproduce-mnist-fast reproduce-cpu
 
 help:
 	@echo "make quickstart  - venv + install + MNIST + DP training (ε=10) + samples  (~$(RUN_DIR))"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench       - training-step throughput: non-private vs dpdm DP vs stock Opacus"
 	@echo "make reproduce-mnist | reproduce-fmnist - the paper's models at ε = 0.2, 1, 10 → results/<dataset>.md (GPU)"
 	@echo "make reproduce-mnist-fast - experiment=mnist_eps10_fast: train + sample + evaluate in ~10 min on a GPU"
+	@echo "make reproduce-cpu - the 60-minute CPU presets + non-private controls → results/cpu.md (hours on 2 cores)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +57,11 @@ reproduce-fmnist: data
 
 reproduce-mnist-fast: data-mnist
 	$(BIN)/dpdm-reproduce mnist-fast $(REPRO_ARGS)
+
+# What a CPU can do (results/cpu.md): each 60-minute preset, its privacy=none control, the downstream
+# protocol at a CPU-sized n and learning curves. Resumable: finished runs, samples and curve points are kept.
+reproduce-cpu: data
+	$(BIN)/dpdm-reproduce cpu $(REPRO_ARGS)
 
 # CPU: tiny U-Net, 32 x K=4, about a minute on an idle 2-core machine; with a GPU: the paper's
 # network at 128 x K=32. Results are appended to benchmarks/results/train_step.json.

@@ -38,6 +38,7 @@ def test_make_reproduce_mnist_refuses_without_a_gpu_with_the_estimate(tmp_path):
     assert proc.returncode != 0
     assert "dpdm-reproduce mnist: no GPU here" in proc.stderr and "refusing to start" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "results/cpu.md" in proc.stderr and "make reproduce-cpu" in proc.stderr  # what a CPU can do instead
     # The estimate: the recipe's noised images (steps × B × K of each run's privacy plan) ÷ the stored figure.
     costs = [run_cost(r) for r in RECIPES["mnist"].runs]
     total = sum(c["noised_images"] for c in costs)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.test_train_cli import SHRINK
@@ -15,7 +16,7 @@ BIN = Path(sys.executable).parent
 
 def test_study_trains_samples_and_scores_each_variant_with_its_control(tmp_path):
     spec = {
-        "train": SHRINK,
+        "train": [*SHRINK, "callbacks.model_checkpoint.save_top_k=-1"],   # every epoch's checkpoint (curve)
         "controls": True,
         "sample": {"n": 20, "batch_size": 20},
         "samplers": {"ddim2": ["sampler=ddim", "sampler.num_steps=2"]},
@@ -47,6 +48,25 @@ def test_study_trains_samples_and_scores_each_variant_with_its_control(tmp_path)
     again = subprocess.run(cmd + ["--variants", "shifted", "--modes", "dp"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "trained already" in again.stdout
+
+    # The learning curve of results/cpu.md: each epoch checkpoint sampled and scored by the downstream CNN.
+    from dpdm.evaluation.protocol import EvalSettings, Evaluator
+    from dpdm.experiments.cpu_results import learning_curve
+
+    run = tmp_path / "runs" / "tiny_study" / "shifted" / "dp"
+    settings = EvalSettings.from_dict({**spec["evaluation"], "reference_splits": ["test"],
+                                       "downstream": {"classifiers": ["cnn"], "val_size": 0.2, "max_epochs": 1}})
+    evaluator = Evaluator(dataset="mnist", data_dir=REPO / "data", settings=settings)
+    points = learning_curve(run, evaluator=evaluator, n=20, batch_size=20, progress=lambda *a: None)
+    assert [p["step"] for p in points] == [4, 8]                       # 4 steps per epoch, 2 epochs
+    wall = json.loads((run / "summary.json").read_text())["wall_time_s"]
+    assert points[1]["minutes"] == pytest.approx(wall / 60) and points[0]["minutes"] == pytest.approx(wall / 120)
+    assert all(0.0 <= p["acc_cnn"] <= 1.0 and 0.0 <= p["agreement"] <= 1.0 for p in points)
+    assert (run / "curve" / "step_4" / "samples.npz").exists()
+    # Computed points are kept: a second call samples nothing new.
+    stamp = (run / "curve" / "step_4" / "samples.npz").stat().st_mtime_ns
+    assert learning_curve(run, evaluator=evaluator, n=20, batch_size=20, progress=lambda *a: None) == points
+    assert (run / "curve" / "step_4" / "samples.npz").stat().st_mtime_ns == stamp
 
 
 def test_unknown_study_key_and_missing_file_are_refused(tmp_path):

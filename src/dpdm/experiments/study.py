@@ -187,15 +187,16 @@ def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list
     # fd_classifier against the public test split only; `evaluation:` in the study file overrides any
     # EvalSettings (e.g. a smaller real-data CNN for tests, the downstream protocol's epochs).
     settings = EvalSettings.from_dict({"reference_splits": ["test"], **study.evaluation})
-    evaluator = None
+    evaluators: dict = {}   # one per dataset: a study may mix MNIST and Fashion-MNIST presets
     for variant in chosen:
         for mode in modes:
             run_dir = train_run(study, variant, mode, runs_dir, progress)
             facts = run_facts(run_dir)
-            if evaluator is None:
-                dataset = _load_yaml(run_dir / "config.yaml")["data"].get("name", "mnist")
-                evaluator = Evaluator(dataset=dataset, data_dir=data_dir or os.environ.get("DPDM_DATA_DIR", "data"),
-                                      settings=settings)
+            dataset = _load_yaml(run_dir / "config.yaml")["data"].get("name", "mnist")
+            if dataset not in evaluators:
+                evaluators[dataset] = Evaluator(dataset=dataset, settings=settings,
+                                                data_dir=data_dir or os.environ.get("DPDM_DATA_DIR", "data"))
+            evaluator = evaluators[dataset]
             for sampler in study.samplers:
                 samples, sample_wall = sample_run(study, run_dir, sampler, progress)
                 scores = score(samples, evaluator, downstream)

@@ -1,0 +1,251 @@
+"""results/cpu.md: the CPU presets end to end, and their learning curves.
+
+`dpdm-reproduce cpu` runs conf/study/cpu_presets.yaml (each 60-minute preset and its privacy=none
+control: train, sample with the preset's sampler, score with the paper's downstream protocol at a
+CPU-sized n), then a learning curve per DP run, then writes the page. Every stage is resumable: a
+trained run, a sample set and a curve point that exist are reused.
+
+The learning curve scores one checkpoint per epoch (the presets keep them all) with the CNN of the
+downstream protocol on a smaller sample set. Minutes on its x axis are the run's training wall time
+times step / total steps (DP-SGD steps are equally expensive; the checkpoint files carry no clock).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import shutil
+from pathlib import Path
+
+from dpdm.experiments.study import DP, NONPRIVATE, Study, _bin, _run, latest_rows, read_rows, run_study
+from dpdm.utils.jsonio import read_json, write_json_atomic
+
+STUDY_FILE = Path("conf/study/cpu_presets.yaml")
+CURVE_FILE = "learning_curve.json"
+# Target CNN accuracy (%) per preset, from issue 12 (the paper's ε=10 MNIST CNN is 98.1).
+TARGETS = {"mnist_eps10_cpu": 90.0, "mnist_eps1_cpu": 80.0, "fmnist_eps10_cpu": 75.0}
+_EPOCH_CKPT = re.compile(r"epoch=(\d+)-step=(\d+)\.ckpt$")
+
+
+def epoch_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(optimizer step, checkpoint) of every kept epoch checkpoint, plus last.ckpt at the run's final step."""
+    found = {}
+    for p in sorted((run_dir / "checkpoints").glob("epoch=*-step=*.ckpt")):
+        m = _EPOCH_CKPT.search(p.name)
+        if m:
+            found[int(m.group(2))] = p
+    summary = read_json(run_dir / "summary.json") or {}
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.exists() and summary.get("optimizer_steps"):
+        found.setdefault(int(summary["optimizer_steps"]), last)
+    return sorted(found.items())
+
+
+def learning_curve(run_dir: Path, *, evaluator, n: int, batch_size: int = 500, progress=print) -> list[dict]:
+    """CNN accuracy (downstream protocol, real test set) of samples from each epoch checkpoint.
+
+    Points are stored in <run_dir>/learning_curve.json as they are computed, so an interrupted curve
+    continues where it stopped. `evaluator` carries the downstream settings (classifiers, held-out size).
+    """
+    from dpdm.evaluation.synthetic import samples_from_npz
+
+    path = run_dir / CURVE_FILE
+    stored = read_json(path) or {}
+    points = [p for p in stored.get("points", []) if p.get("n") == n]
+    summary = read_json(run_dir / "summary.json") or {}
+    total, wall = summary.get("optimizer_steps"), summary.get("wall_time_s")
+    if not total or not wall:
+        raise FileNotFoundError(f"{run_dir}: no finished training run (summary.json); train it first")
+    done = {p["step"] for p in points}
+    for step, ckpt in epoch_checkpoints(run_dir):
+        if step in done:
+            continue
+        out = run_dir / "curve" / f"step_{step}"
+        if not (out / "samples.npz").exists():
+            # Quoted: Lightning's checkpoint names contain '=', which Hydra's override grammar rejects bare.
+            _run([_bin("dpdm-sample"), f"ckpt='{ckpt}'", f"n={n}", f"out={out}", f"batch_size={batch_size}",
+                  "overwrite=true"], run_dir / "curve" / "sample.log")
+        samples, _ = samples_from_npz(out / "samples.npz")
+        m = evaluator.evaluate(samples, metrics=["downstream", "real_cnn_on_synthetic"]).metrics
+        point = {"step": step, "minutes": wall * step / total / 60, "n": n, "checkpoint": ckpt.name,
+                 "agreement": m.get("eval/real_cnn_acc_on_synthetic"),
+                 **{k.removeprefix("eval/"): v for k, v in m.items() if k.startswith("eval/acc_")}}
+        points.append(point)
+        points.sort(key=lambda p: p["step"])
+        write_json_atomic(path, {"run_dir": str(run_dir), "train_wall_s": wall, "steps": total, "points": points})
+        progress(f"    curve {run_dir.parent.name} step {step} ({point['minutes']:.1f} min): "
+                 f"CNN {_pct(point.get('acc_cnn'))}, agreement {_pct(point['agreement'])}")
+    return points
+
+
+def plot_learning_curves(curves: dict[str, list[dict]], path: Path) -> Path | None:
+    """CNN accuracy vs training minutes, one line per preset (PNG). None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, points in curves.items():
+        pts = [p for p in points if p.get("acc_cnn") is not None]
+        if pts:
+            ax.plot([p["minutes"] for p in pts], [100 * p["acc_cnn"] for p in pts], marker="o", label=name)
+            if name in TARGETS:
+                ax.axhline(TARGETS[name], ls=":", lw=0.8, color=ax.lines[-1].get_color())
+    ax.set_xlabel("training wall time (minutes, 2 CPU cores)")
+    ax.set_ylabel("CNN accuracy on real test set (%)")
+    ax.set_title("Downstream CNN trained on DP samples (dotted: target)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v, fmt="{:.1f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *, assets: Path, page: Path,
+                curve_n: int, command: str) -> str:
+    """The markdown of results/cpu.md from the study's rows and the curves (images are under `assets`)."""
+    by_variant: dict[str, dict[str, dict]] = {}
+    for r in latest_rows(rows):
+        by_variant.setdefault(r["variant"], {})[r["mode"]] = r
+    ds = study.evaluation.get("downstream", {})
+    held_out = ds.get("val_size", 10000)
+    rel = lambda p: Path(p).relative_to(page.parent).as_posix() if p else None  # noqa: E731
+    machines = sorted({r.get("machine", "?") for r in rows})
+    lines = [
+        "# dpdm on a 2-core CPU: the 60-minute presets", "",
+        f"Generated by `{command}` on {_dt.datetime.now():%Y-%m-%d %H:%M} from "
+        f"`results/study/{study.name}.jsonl` and the run dirs it names. Machine(s): {', '.join(machines) or '–'}. "
+        "No GPU.", "",
+        "Protocol (the paper's, at a CPU-sized n): "
+        f"{study.sample_n:,} class-balanced samples drawn with each preset's own sampler (stored in the "
+        f"checkpoint); {study.sample_n - int(held_out):,} train LogReg / MLP / CNN (Adam 3e-4, batch 128, "
+        f"up to {ds.get('max_epochs', 50)} epochs, early stop after {ds.get('patience')} without gain) and "
+        f"{int(held_out):,} held-out synthetic samples select the epoch; accuracy on the real test set. The paper "
+        "uses 60,000 + 10,000. *Agreement*: a CNN trained on real MNIST (99.1% on its test set) labels the "
+        "samples; the share that matches the requested class. *fd_classifier*: Fréchet distance to the real test "
+        "split in that CNN's features (lower is better; not FID). Each preset has a non-private control "
+        "(`privacy=none`, same steps and batch): the gap between the two is the cost of privacy at this "
+        "compute.", "",
+        "## Results", "",
+        "| preset | ε spent (δ=1e-5) | σ | B | steps | training | LogReg | MLP | CNN | CNN target | agreement | "
+        "fd_classifier | control: CNN / agreement / fd_classifier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for variant in study.variants:
+        modes = by_variant.get(variant, {})
+        dp, ctl = modes.get(DP), modes.get(NONPRIVATE)
+        if dp is None:
+            lines.append(f"| `{variant}` | not run | | | | | | | | {TARGETS.get(variant, '')} | | | |")
+            continue
+        control = ("not run" if ctl is None else
+                   f"{_pct(ctl.get('acc_cnn'))} / {_pct(ctl.get('agreement'))} / {_num(ctl.get('fd_classifier_test'))}")
+        eps = dp.get("epsilon")
+        lines.append("| " + " | ".join([
+            f"`{variant}`", "–" if eps is None else f"{eps:.4f}", _num(dp.get("sigma"), "{:.4g}"),
+            str(dp.get("batch_size")), str(dp.get("steps")),
+            "–" if dp.get("train_wall_s") is None else f"{dp['train_wall_s'] / 60:.1f} min",
+            _pct(dp.get("acc_logreg")), _pct(dp.get("acc_mlp")), _pct(dp.get("acc_cnn")),
+            f"≥ {TARGETS[variant]:g}%" if variant in TARGETS else "", _pct(dp.get("agreement")),
+            _num(dp.get("fd_classifier_test")), control]) + " |")
+    lines += ["", "ε comes from each run's privacy.json (the accountant over the steps that ran).", ""]
+    grids = [(v, assets / f"{v}_grid.png") for v in study.variants if (assets / f"{v}_grid.png").exists()]
+    if grids:
+        lines += ["## Samples", "", "One row per class, from the DP run's scored samples (first 10 of each class).", ""]
+        lines += [f"**`{v}`**\n\n![{v}]({rel(p)})\n" for v, p in grids]
+    lines += ["## Learning curves", "",
+              f"CNN accuracy (downstream protocol on {curve_n:,} samples per checkpoint, real test set) of the DP "
+              "runs' epoch checkpoints. Minutes: training wall time × step / total steps.", ""]
+    png = assets / "learning_curve.png"
+    if png.exists() and any(curves.values()):
+        lines += [f"![learning curve]({rel(png)})", ""]
+    if any(curves.values()):
+        lines += ["| preset | step | minutes | CNN | agreement |", "|---|---|---|---|---|"]
+        for name, points in curves.items():
+            lines += [f"| `{name}` | {p['step']} | {p['minutes']:.1f} | {_pct(p.get('acc_cnn'))} | "
+                      f"{_pct(p.get('agreement'))} |" for p in points]
+        lines.append("")
+    else:
+        lines += ["No curve yet.", ""]
+    lines += ["## Commands", "", f"All of it (resumable): `{command}`. Per preset it runs:", "", "```",
+              *planned_commands(study), "```", "", "then scores the samples (`dpdm.experiments.study.score`) and the epoch checkpoints "
+              "(`dpdm.experiments.cpu_results.learning_curve`). Study notes: docs/recipes.md.", ""]
+    return "\n".join(lines)
+
+
+def planned_commands(study: Study, variants: list[str] | None = None) -> list[str]:
+    """The training and sampling commands behind each preset of the study (for the page and --dry-run)."""
+    out = []
+    for variant, overrides in study.variants.items():
+        if variants and variant not in variants:
+            continue
+        base = f"runs/study/{study.name}/{variant}"
+        for mode, extra in ((DP, []), (NONPRIVATE, ["privacy=none"])):
+            out.append(f"dpdm-train {' '.join([*study.train, *overrides, *extra])} hydra.run.dir={base}/{mode}")
+            out.append(f"dpdm-sample ckpt={base}/{mode}/checkpoints/last.ckpt n={study.sample_n} "
+                       f"out={base}/{mode}/samples_preset")
+    return out
+
+
+def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None = None,
+                  modes: list[str] | None = None, runs_dir: Path = Path("runs/study"),
+                  results_dir: Path = Path("results/study"), page: Path = Path("results/cpu.md"),
+                  curve_n: int = 2000, report_only: bool = False, data_dir: str | None = None,
+                  progress=print) -> Path:
+    """Run (unless report_only) and render results/cpu.md; returns the page."""
+    import os
+
+    from dpdm.evaluation.protocol import EvalSettings, Evaluator
+
+    study = Study.load(study_file)
+    if not report_only:
+        run_study(study, runs_dir=runs_dir, results_dir=results_dir, variants=variants, modes=modes,
+                  downstream=True, data_dir=data_dir, progress=progress)
+    rows_path = results_dir / f"{study.name}.jsonl"
+    rows = read_rows(rows_path) if rows_path.exists() else []
+    assets = page.parent / page.stem
+    curves: dict[str, list[dict]] = {}
+    evaluators: dict = {}   # one per dataset
+    for variant in study.variants:
+        run_dir = runs_dir / study.name / variant / DP
+        if not (run_dir / "summary.json").exists():
+            continue
+        if report_only:
+            curves[variant] = (read_json(run_dir / CURVE_FILE) or {}).get("points", [])
+        elif variants is None or variant in variants:
+            dataset = _dataset_of(run_dir)
+            if dataset not in evaluators:
+                # The curve's protocol: the CNN only, a fifth of the samples held out for model selection.
+                ds = {**study.evaluation.get("downstream", {}), "classifiers": ["cnn"], "val_size": 0.2}
+                settings = EvalSettings.from_dict({**study.evaluation, "reference_splits": ["test"],
+                                                   "downstream": ds})
+                evaluators[dataset] = Evaluator(dataset=dataset, settings=settings,
+                                                data_dir=data_dir or os.environ.get("DPDM_DATA_DIR", "data"))
+            curves[variant] = learning_curve(run_dir, evaluator=evaluators[dataset], n=curve_n,
+                                             progress=progress)
+        grid = run_dir / "samples_preset" / "grid.png"
+        if grid.exists():
+            assets.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(grid, assets / f"{variant}_grid.png")
+    plot_learning_curves(curves, assets / "learning_curve.png")
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(render_page(study, rows, curves, assets=assets, page=page, curve_n=curve_n,
+                                command="dpdm-reproduce cpu"))
+    progress(f"wrote {page}")
+    return page
+
+
+def _dataset_of(run_dir: Path) -> str:
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.load(run_dir / "config.yaml").data.get("name", "mnist"))

@@ -1,0 +1,77 @@
+"""results/cpu.md: the page from a study's rows and run dirs, the epoch checkpoints of a learning curve,
+and `dpdm-reproduce cpu --dry-run` listing what it would run. The real train → sample → score path of
+the same study code is covered end to end in test_study.py (including a learning curve)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from dpdm.experiments.cpu_results import epoch_checkpoints, reproduce_cpu
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _row(variant, mode, **kw):
+    base = {"study": "cpu_mini", "variant": variant, "mode": mode, "sampler": "preset", "batch_size": 1024,
+            "steps": 340, "K": 1, "noised_images": 348160, "train_wall_s": 2700.0, "machine": "test cpu"}
+    return {**base, **kw}
+
+
+def _fake_run(run_dir: Path, steps=(58, 116), total=120, wall=600.0):
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for e, s in enumerate(steps):
+        (run_dir / "checkpoints" / f"epoch={e}-step={s}.ckpt").write_bytes(b"x")
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (run_dir / "summary.json").write_text(json.dumps({"optimizer_steps": total, "wall_time_s": wall}))
+    (run_dir / "config.yaml").write_text("data: {name: mnist}\n")
+
+
+def test_epoch_checkpoints_are_ordered_by_step_and_end_with_the_last(tmp_path):
+    _fake_run(tmp_path / "run", steps=(116, 58))
+    got = epoch_checkpoints(tmp_path / "run")
+    assert [s for s, _ in got] == [58, 116, 120]
+    assert got[-1][1].name == "last.ckpt" and got[0][1].name == "epoch=1-step=58.ckpt"
+
+
+def test_page_has_each_preset_with_eps_accuracies_target_control_and_curve(tmp_path):
+    study = tmp_path / "cpu_mini.yaml"
+    study.write_text(yaml.safe_dump({
+        "train": [], "controls": True, "sample": {"n": 12000}, "samplers": {"preset": []},
+        "evaluation": {"downstream": {"val_size": 2000, "max_epochs": 30, "patience": 5}},
+        "variants": {"mnist_eps10_cpu": ["experiment=mnist_eps10_cpu"], "mnist_eps1_cpu": ["experiment=mnist_eps1_cpu"]}}))
+    results = tmp_path / "results"
+    (results / "study").mkdir(parents=True)
+    rows = [_row("mnist_eps10_cpu", "dp", epsilon=9.9996, sigma=0.58, acc_logreg=0.81, acc_mlp=0.86, acc_cnn=0.923,
+                 agreement=0.97, fd_classifier_test=120.5),
+            _row("mnist_eps10_cpu", "nonprivate", epsilon=None, acc_cnn=0.975, agreement=0.995, fd_classifier_test=40.0)]
+    (results / "study" / "cpu_mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "runs" / "cpu_mini" / "mnist_eps10_cpu" / "dp"
+    _fake_run(run)
+    (run / "learning_curve.json").write_text(json.dumps({"points": [
+        {"step": 58, "minutes": 4.8, "n": 2000, "acc_cnn": 0.5, "agreement": 0.6},
+        {"step": 120, "minutes": 10.0, "n": 2000, "acc_cnn": 0.9, "agreement": 0.95}]}))
+    page = reproduce_cpu(study_file=study, runs_dir=tmp_path / "runs", results_dir=results / "study",
+                         page=results / "cpu.md", report_only=True, progress=lambda *a: None)
+    text = page.read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| `mnist_eps10_cpu`"))
+    for cell in ("9.9996", "0.58", "1024", "340", "45.0 min", "81.0%", "86.0%", "92.3%", "≥ 90%", "97.0%", "120.5",
+                 "97.5% / 99.5% / 40.0"):
+        assert cell in line, (cell, line)
+    assert "| `mnist_eps1_cpu` | not run |" in text
+    assert "10,000 train LogReg / MLP / CNN" in text and "2,000 held-out" in text   # the n actually used
+    assert "| `mnist_eps10_cpu` | 120 | 10.0 | 90.0% | 95.0% |" in text             # the curve's points
+    assert (results / "cpu" / "learning_curve.png").stat().st_size > 1000
+    assert "![learning curve](cpu/learning_curve.png)" in text
+    assert "dpdm-train experiment=mnist_eps10_cpu privacy=none" in text                 # the control's command
+
+
+def test_dry_run_lists_every_preset_and_its_control():
+    proc = subprocess.run([str(BIN / "dpdm-reproduce"), "cpu", "--dry-run"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for preset in ("mnist_eps10_cpu", "mnist_eps1_cpu", "fmnist_eps10_cpu"):
+        assert f"dpdm-train experiment={preset} hydra.run.dir=" in proc.stdout
+        assert f"dpdm-train experiment={preset} privacy=none hydra.run.dir=" in proc.stdout
