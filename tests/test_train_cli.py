@@ -45,6 +45,25 @@ def test_run_dir_has_config_checkpoint_privacy_grids_summary(smoke_run):
         assert (smoke_run / rel).is_file(), rel
 
 
+def test_nothing_non_private_is_logged_by_default(smoke_run):
+    """The training loss and the sampled batch sizes are functions of the private batch without noise: by
+    default they appear nowhere (docs/privacy.md, "What a run releases")."""
+    header = (smoke_run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "privacy/epsilon" in header and "train/expected_noised_images_per_s" in header
+    assert not [c for c in header if c.startswith("nonprivate/") or c in ("train/loss", "train/batch_size")]
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert "nonprivate" not in summary and "train_loss_last" not in summary
+
+
+def test_the_nonprivate_switch_logs_labelled_diagnostics(tmp_path):
+    proc = _run([str(BIN / "dpdm-train"), *SHRINK, "privacy.log_nonprivate_metrics=true",
+                 "callbacks.sample_grid.every_n_epochs=5", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"nonprivate/train_loss", "nonprivate/batch_size", "nonprivate/noised_images_per_s"} <= set(header)
+    assert json.loads((tmp_path / "summary.json").read_text())["nonprivate"]["train_loss_last"] > 0
+
+
 def test_privacy_json_matches_accountant_for_steps_taken(smoke_run):
     p = json.loads((smoke_run / "privacy.json").read_text())
     summary = json.loads((smoke_run / "summary.json").read_text())

@@ -198,6 +198,9 @@ def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list
                                                 data_dir=data_dir or os.environ.get("DPDM_DATA_DIR", "data"))
             evaluator = evaluators[dataset]
             for sampler in study.samplers:
+                if _scored(rows_path, variant, mode, sampler, run_dir, study.sample_n, downstream):
+                    progress(f"    {variant}/{mode}/{sampler}: scored already ({rows_path})")
+                    continue
                 samples, sample_wall = sample_run(study, run_dir, sampler, progress)
                 scores = score(samples, evaluator, downstream)
                 row = {"study": study.name, "variant": variant, "mode": mode, "sampler": sampler,
@@ -211,6 +214,15 @@ def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list
                          f"fd_classifier {_num(row['fd_classifier_test'])}"
                          + (f", CNN {_pct(row.get('acc_cnn'))}" if "acc_cnn" in row else ""))
     return rows_path
+
+
+def _scored(rows_path: Path, variant: str, mode: str, sampler: str, run_dir: Path, n: int, downstream: bool) -> bool:
+    """Whether this run's samples were scored already (with the downstream protocol, if asked for)."""
+    if not rows_path.exists():
+        return False
+    return any(r["variant"] == variant and r["mode"] == mode and r["sampler"] == sampler
+               and r.get("run_dir") == str(run_dir) and r.get("sample_n") == n
+               and (not downstream or "acc_cnn" in r) for r in read_rows(rows_path))
 
 
 def is_proxy(row: dict) -> bool:
