@@ -16,7 +16,8 @@ import re
 import shutil
 from pathlib import Path
 
-from dpdm.experiments.study import DP, NONPRIVATE, Study, _bin, _run, latest_rows, read_rows, run_study
+from dpdm.experiments.study import (DP, NONPRIVATE, Study, _bin, _run, latest_rows, read_rows, run_dataset,
+                                    run_study)
 from dpdm.utils.jsonio import read_json, write_json_atomic
 
 STUDY_FILE = Path("conf/study/cpu_presets.yaml")
@@ -226,7 +227,7 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
         if report_only:
             curves[variant] = (read_json(run_dir / CURVE_FILE) or {}).get("points", [])
         elif variants is None or variant in variants:
-            dataset = _dataset_of(run_dir)
+            dataset = run_dataset(run_dir)
             if dataset not in evaluators:
                 # The curve's protocol: the CNN only, a fifth of the samples held out for model selection.
                 ds = {**study.evaluation.get("downstream", {}), "classifiers": ["cnn"], "val_size": 0.2}
@@ -247,8 +248,3 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
     progress(f"wrote {page}")
     return page
 
-
-def _dataset_of(run_dir: Path) -> str:
-    from omegaconf import OmegaConf
-
-    return str(OmegaConf.load(run_dir / "config.yaml").data.get("name", "mnist"))

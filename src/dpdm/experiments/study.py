@@ -157,6 +157,11 @@ def run_facts(run_dir: Path) -> dict:
     }
 
 
+def run_dataset(run_dir: Path) -> str:
+    """The dataset a trained run used (its config.yaml's data.name)."""
+    return _load_yaml(run_dir / "config.yaml")["data"].get("name", "mnist")
+
+
 def _load_yaml(path: Path) -> dict:
     from omegaconf import OmegaConf
 
@@ -192,7 +197,7 @@ def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list
         for mode in modes:
             run_dir = train_run(study, variant, mode, runs_dir, progress)
             facts = run_facts(run_dir)
-            dataset = _load_yaml(run_dir / "config.yaml")["data"].get("name", "mnist")
+            dataset = run_dataset(run_dir)
             if dataset not in evaluators:
                 evaluators[dataset] = Evaluator(dataset=dataset, settings=settings,
                                                 data_dir=data_dir or os.environ.get("DPDM_DATA_DIR", "data"))

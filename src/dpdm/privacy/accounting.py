@@ -74,6 +74,11 @@ def max_steps_within_budget(*, target_epsilon: float, delta: float, noise_multip
     return lo
 
 
+def steps_in_history(history) -> int:
+    """DP-SGD steps recorded in an Opacus accountant history of (σ, q, number of steps) entries."""
+    return sum(int(n) for _, _, n in history)
+
+
 def epsilon_from_history(history, *, delta: float, accountant: str = "rdp") -> float:
     """ε of an accountant history: a list of (σ, q, steps) entries, as Opacus' accountants store it
     (and as dpdm checkpoints keep it under ``["dpdm"]["accountant"]["history"]``)."""

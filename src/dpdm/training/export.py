@@ -22,12 +22,12 @@ EMA_PREFIX = "ema."
 
 def privacy_record(ckpt: dict) -> dict:
     """The plan of the run that wrote `ckpt`, with steps and ε from its accountant history."""
-    from dpdm.privacy.accounting import epsilon_from_history
+    from dpdm.privacy.accounting import epsilon_from_history, steps_in_history
 
     state = ckpt["dpdm"]
     plan = dict(state.get("plan") or {})
     history = (state.get("accountant") or {}).get("history", [])
-    steps = sum(int(n) for _, _, n in history)
+    steps = steps_in_history(history)
     record = {**plan, "steps": steps if plan.get("enabled") else int(ckpt.get("global_step", 0))}
     if plan.get("enabled"):
         record["epsilon"] = (epsilon_from_history(history, delta=plan["delta"], accountant=plan["accountant"])
