@@ -59,6 +59,37 @@ def test_calibrated_sigma_reproduces_epsilon_within_one_percent(eps, accountant)
     assert back >= 0.99 * eps  # and not wastefully noisy
 
 
+
+def _bisection_sigma(eps, q, steps, accountant, rel_tol=1e-3):
+    """Reference: plain bisection on σ ∈ (0, ∞), kept apart from the library's root search."""
+    at = lambda s: epsilon_spent(noise_multiplier=s, sample_rate=q, steps=steps, delta=1e-5,
+                                 accountant=accountant)
+    lo, hi = 0.0, 1.0
+    while at(hi) > eps:
+        lo, hi = hi, 2 * hi
+    while at(hi) < eps * (1 - rel_tol):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if at(mid) <= eps else (mid, hi)
+    return hi
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("eps,q,steps", [(10.0, 1024 / 60000, 340), (1.0, 1024 / 60000, 340),
+                                         (0.2, 4096 / 60000, 4200), (50.0, 0.01, 10)])
+def test_calibration_agrees_with_bisection_in_few_accountant_calls(eps, q, steps, accountant, monkeypatch):
+    import dpdm.privacy.accounting as accounting
+
+    calls = []
+    real = accounting.epsilon_spent
+    monkeypatch.setattr(accounting, "epsilon_spent", lambda **kw: calls.append(kw) or real(**kw))
+    sigma = accounting.calibrate_noise_multiplier(target_epsilon=eps, delta=1e-5, sample_rate=q, steps=steps,
+                                                  accountant=accountant)
+    assert len(calls) <= 12  # bisection needs ~20-25: every dpdm-train start pays for this search
+    monkeypatch.undo()
+    back = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5, accountant=accountant)
+    assert eps * (1 - 1e-3) <= back <= eps
+    assert sigma == pytest.approx(_bisection_sigma(eps, q, steps, accountant), rel=2e-3)
+
 def test_max_steps_is_the_last_step_within_budget():
     kw = dict(noise_multiplier=1.0, sample_rate=0.01, delta=1e-5)
     T = max_steps_within_budget(target_epsilon=2.0, upper=10**5, **kw)
