@@ -37,3 +37,57 @@ class RecordingModule(DPDiffusionModule):
 
         inner.step = step
         return opt
+
+
+def run_cli(script: str, *args: str, env: dict | None = None, cwd=None):
+    """Run a dpdm console script (`dpdm-train`, ...) in this process, as a subprocess would run it.
+
+    Returns a CompletedProcess with the exit code (SystemExit's, 1 for an uncaught exception, whose
+    traceback goes to stderr as the interpreter would print it) and the captured stdout/stderr. A
+    subprocess pays ~10 s of imports (torch, Lightning, Opacus) on a 2-core CPU before the first line
+    runs; tests of what a command does, not of how it is launched, run it here instead. Tests of the
+    installed entry points themselves, of signals and of multi-process runs keep real subprocesses.
+    """
+    import contextlib
+    import io
+    import logging
+    import os
+    import subprocess
+    import sys
+    import traceback
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == script]
+    main = ep.load()
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_env, saved_cwd = sys.argv, dict(os.environ), os.getcwd()
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    sys.argv = [script, *map(str, args)]
+    os.environ.update({"WANDB_MODE": "disabled",
+                       "DPDM_DATA_DIR": str(Path(__file__).resolve().parents[1] / "data"), **(env or {})})
+    os.chdir(cwd or Path(__file__).resolve().parents[1])
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                result = main()  # the console script runs sys.exit(main())
+                rc = result if isinstance(result, int) else 0
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - a subprocess would print it and exit 1
+                traceback.print_exc()
+                rc = 1
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        for h in root.handlers:  # Hydra's console and run-dir file handlers for this run
+            if h not in saved_handlers:
+                h.close()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    return subprocess.CompletedProcess([script, *args], rc, out.getvalue(), err.getvalue())

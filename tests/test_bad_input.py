@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SHRINK = ["experiment=smoke", "data.subset_size=40", "data.batch_size=10", "trainer.max_epochs=1",
@@ -16,9 +18,7 @@ SHRINK = ["experiment=smoke", "data.subset_size=40", "data.batch_size=10", "trai
 
 
 def _run(script, args, env_extra=None):
-    env = {**os.environ, "WANDB_MODE": "disabled", "DPDM_DATA_DIR": str(REPO / "data"), **(env_extra or {})}
-    return subprocess.run([str(BIN / script), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return run_cli(script, *args, env=env_extra)  # in this process: a refusal costs no start-up imports
 
 
 def _assert_one_clear_message(proc, expected):

@@ -1,8 +1,6 @@
 """dpdm-export: the shareable file holds the EMA weights, the build config and the privacy record, nothing
 else; dpdm-sample draws the same samples from it as from the checkpoint; bad files get one message."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SHRINK = ["experiment=smoke", "data.subset_size=40", "data.batch_size=10", "trainer.max_epochs=1",
           "max_physical_batch_size=64", "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.num_steps=2"]
 
 
-def _run(*cmd, timeout=600):
-    env = dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(REPO / "data"))
-    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(*cmd):
+    return run_cli(Path(cmd[0]).name, *map(str, cmd[1:]))  # in this process (tests.helpers)
 
 
 @pytest.fixture(scope="module")

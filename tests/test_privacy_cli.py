@@ -2,8 +2,6 @@
 from its checkpoint's accountant history against privacy.json."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -13,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dpdm.cli.privacy import main
 from dpdm.privacy.accounting import calibrate_noise_multiplier, epsilon_spent
 from dpdm.training.privacy_plan import make_privacy_plan
+from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,21 +33,14 @@ def cli_subprocess(*args):
 
 
 def cli(*args):
-    """In-process main() (importing torch + Opacus per subprocess costs seconds on a busy machine)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in args])
-        except SystemExit as e:  # argparse and exit_on_user_error exit through SystemExit
-            rc = e.code
-    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+    """dpdm-privacy in this process (importing torch + Opacus per subprocess costs seconds)."""
+    return run_cli("dpdm-privacy", *map(str, args))
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("privacy_cli") / "run"
-    proc = subprocess.run([str(BIN / "dpdm-train"), *SHRINK, f"hydra.run.dir={d}"], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = run_cli("dpdm-train", *SHRINK, f"hydra.run.dir={d}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return d
 

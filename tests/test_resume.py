@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # 40 examples, B = 10: 4 DP-SGD steps per epoch, 8 in all; tiny, so the test stays fast on a busy CPU.
@@ -29,6 +31,11 @@ def _env():
 def _train(*extra, timeout=600):
     return subprocess.run([str(BIN / "dpdm-train"), *SHRINK, *extra], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _train_here(*extra):
+    """dpdm-train in this process (tests.helpers.run_cli): a refusal is checked without ~10 s of imports."""
+    return run_cli("dpdm-train", *SHRINK, *extra)
 
 
 def _load(path):
@@ -112,7 +119,7 @@ def test_sigkilled_run_resumes_to_the_same_result(full_run, tmp_path):
 
 def test_resuming_a_spent_budget_with_the_same_config_is_refused(full_run):
     before = _files(full_run)
-    proc = _train(f"ckpt_path={full_run / 'checkpoints/last.ckpt'}", f"hydra.run.dir={full_run}")
+    proc = _train_here(f"ckpt_path={full_run / 'checkpoints/last.ckpt'}", f"hydra.run.dir={full_run}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "privacy budget of this run is spent" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -123,7 +130,7 @@ def test_resuming_a_spent_budget_with_the_same_config_is_refused(full_run):
                                       "data.batch_size=20"])
 def test_resume_that_changes_the_mechanism_is_refused(full_run, tmp_path, override):
     before = _files(full_run)
-    proc = _train(override, f"ckpt_path={full_run / 'checkpoints/last.ckpt'}",
+    proc = _train_here(override, f"ckpt_path={full_run / 'checkpoints/last.ckpt'}",
                   f"hydra.run.dir={tmp_path / 'r'}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Refusing to resume: the config changes the privacy mechanism" in proc.stderr
@@ -140,7 +147,7 @@ def test_resume_on_other_private_data_is_refused(full_run, tmp_path, override):
     # seed=1 draws another 40-example subset (data.seed follows seed): same N, same plan, other people.
     # The accountant's history belongs to the data it was spent on. (subset_size=50 changes N as well.)
     before = _files(full_run)
-    proc = _train(override, f"ckpt_path={full_run / 'checkpoints/last.ckpt'}",
+    proc = _train_here(override, f"ckpt_path={full_run / 'checkpoints/last.ckpt'}",
                   f"hydra.run.dir={tmp_path / 'r'}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert ("trained on other data" in proc.stderr if override == "seed=1"
@@ -157,8 +164,7 @@ def test_two_resumes_of_one_checkpoint_draw_independent_noise_and_batches(tmp_pa
     origin = tmp_path / "origin"
 
     def train(*extra):
-        return subprocess.run([str(BIN / "dpdm-train"), *private, *extra], cwd=REPO, env=_env(),
-                              capture_output=True, text=True, timeout=600)
+        return run_cli("dpdm-train", *private, *extra)
 
     proc = train(f"hydra.run.dir={origin}", "callbacks.model_checkpoint.save_top_k=-1")
     assert proc.returncode == 0, proc.stderr[-3000:]

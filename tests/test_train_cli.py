@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dpdm.privacy.accounting import epsilon_spent
+from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -26,15 +27,21 @@ SHRINK = ["experiment=smoke", "data.subset_size=400", "data.batch_size=100", "tr
 RUN_SAMPLER = ["sampler.num_steps=2", "sampler.guidance=1.5", "sampler.sigma_min=0.05"]
 
 
-def _run(args, cwd=REPO):
+def _subprocess(args, cwd=REPO):
     env = dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(REPO / "data"))
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _run(args, env=None):
+    """The console script args[0] with its arguments, run in this process (tests.helpers.run_cli)."""
+    return run_cli(Path(args[0]).name, *args[1:], env=env)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    # Through the installed console script in its own process: the entry point itself is under test here.
     run_dir = tmp_path_factory.mktemp("smoke")
-    proc = _run([str(BIN / "dpdm-train"), *SHRINK, *RUN_SAMPLER, f"hydra.run.dir={run_dir}"])
+    proc = _subprocess([str(BIN / "dpdm-train"), *SHRINK, *RUN_SAMPLER, f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -118,9 +125,8 @@ def test_corrupted_checkpoint_gives_one_clear_message(smoke_run, tmp_path):
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     env_dir = tmp_path / "empty"
-    env = dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(env_dir))
-    proc = subprocess.run([str(BIN / "dpdm-train"), *SHRINK, f"hydra.run.dir={tmp_path / 'r'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = _run([str(BIN / "dpdm-train"), *SHRINK, f"hydra.run.dir={tmp_path / 'r'}"],
+                env={"DPDM_DATA_DIR": str(env_dir)})
     assert proc.returncode == 2
     assert "dpdm-data" in proc.stderr or "make data" in proc.stderr
 
