@@ -245,3 +245,18 @@ def test_callbacks_eval_config_composes_with_the_defaults():
     with pytest.raises(Exception, match="training split is the private data"):
         instantiate(_compose("train", ["callbacks=eval", "output_dir=/tmp/unused",
                                        "callbacks.eval_fid.evaluation.reference_splits=[train]"]).callbacks.eval_fid)
+
+
+def test_privacy_of_a_checkpoint_counts_the_steps_that_ran_not_the_plan():
+    """A run stopped early spent less than planned: eval.json states the ε of the accountant's history."""
+    from dpdm.cli.evaluate import _privacy_of
+    from dpdm.privacy.accounting import epsilon_spent
+
+    plan = {"enabled": True, "noise_multiplier": 0.8, "sample_rate": 0.01, "delta": 1e-5, "accountant": "rdp",
+            "planned_steps": 1000}
+    ckpt = {"dpdm": {"plan": plan, "accountant": {"history": [[0.8, 0.01, 120], [0.8, 0.01, 30]]}}}
+    got = _privacy_of(ckpt)
+    assert got["steps"] == 150
+    assert got["epsilon"] == pytest.approx(epsilon_spent(noise_multiplier=0.8, sample_rate=0.01, steps=150,
+                                                         delta=1e-5), rel=1e-12)
+    assert got["epsilon"] < epsilon_spent(noise_multiplier=0.8, sample_rate=0.01, steps=1000, delta=1e-5)

@@ -13,12 +13,13 @@ def test_bench_runs_every_variant_and_appends_results(tmp_path):
            "--net", "ddpmpp_tiny", "--batch", "2", "--k", "2", "--steps", "1", "--warmup", "1",
            "--rounds", "1", "--threads", "1", "--variants", "nonprivate,dpdm,opacus",
            "--out", str(out)]
-    for _ in range(2):  # a second run appends instead of overwriting
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-2000:]
+    earlier = {"settings": {"note": "an earlier run's record"}}
+    out.write_text(json.dumps([earlier]))  # the run appends to it instead of overwriting
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
     assert "vs non-private" in res.stdout and "opacus" in res.stdout
     history = json.loads(out.read_text())
-    assert len(history) == 2
+    assert len(history) == 2 and history[0] == earlier
     rec = history[-1]
     assert rec["settings"]["batch"] == 2 and rec["settings"]["k"] == 2
     assert {"torch", "opacus", "cpu_count"} <= set(rec["machine"])

@@ -97,15 +97,16 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
 
 def _privacy_of(ckpt: dict) -> dict:
     """(ε, δ) the checkpoint's generator satisfies, recomputed from its accountant history."""
-    from dpdm.privacy.accounting import epsilon_spent
+    from dpdm.privacy.accounting import epsilon_from_history, steps_in_history
 
     state = ckpt.get("dpdm", {})
     plan = state.get("plan") or {}
     if not plan.get("enabled"):
         return {"enabled": False}
-    steps = sum(int(n) for _, _, n in (state.get("accountant") or {}).get("history", []))
-    eps = epsilon_spent(noise_multiplier=plan["noise_multiplier"], sample_rate=plan["sample_rate"],
-                        steps=steps, delta=plan["delta"], accountant=plan["accountant"])
+    # The steps that ran, as the accountant recorded them, not the plan (a run may stop early).
+    history = (state.get("accountant") or {}).get("history", [])
+    steps = steps_in_history(history)
+    eps = epsilon_from_history(history, delta=plan["delta"], accountant=plan["accountant"])
     return {"enabled": True, "epsilon": eps, "delta": plan["delta"], "steps": steps,
             "accountant": plan["accountant"]}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dpdm.cli.errors import exit_on_user_error
 from dpdm.privacy.accounting import (ACCOUNTANTS, calibrate_noise_multiplier, epsilon_from_history,
-                                     epsilon_spent)
+                                     epsilon_spent, steps_in_history)
 from dpdm.training.privacy_plan import make_privacy_plan, steps_per_epoch
 
 # ε in privacy.json and the recomputation run the same accountant on the same history.
@@ -123,7 +123,7 @@ def _epsilon(args) -> tuple[dict, bool]:
         raise ValueError(f"the checkpoint's accountant ({acc_state.get('mechanism')}) is not the one "
                          f"named in its plan ({accountant})")
     history = [(float(s), float(q), int(n)) for s, q, n in acc_state["history"]]
-    steps = sum(n for _, _, n in history)
+    steps = steps_in_history(history)
     delta = float(plan["delta"])
     eps = epsilon_from_history(history, delta=delta, accountant=accountant)
     recorded = ledger.get("epsilon")

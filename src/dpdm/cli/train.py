@@ -139,7 +139,7 @@ def check_run_dir(out: Path, ckpt_path) -> None:
 
 def check_resume(ckpt_path, plan, data_cfg=None) -> None:
     """Before fit: the checkpoint is readable, has the same mechanism and data, and has budget/steps left."""
-    from dpdm.privacy.accounting import epsilon_from_history
+    from dpdm.privacy.accounting import epsilon_from_history, steps_in_history
     from dpdm.training.checkpoint import load_checkpoint
     from dpdm.training.config_guard import check_same_data
     from dpdm.training.module import budget_exhausted, check_same_mechanism
@@ -151,7 +151,7 @@ def check_resume(ckpt_path, plan, data_cfg=None) -> None:
         check_same_data(state.get("build_config"), data_cfg)
     if plan.enabled:
         history = (state.get("accountant") or {}).get("history", [])
-        steps = sum(int(n) for _, _, n in history)
+        steps = steps_in_history(history)
         if steps >= plan.max_steps:
             eps = epsilon_from_history(history, delta=plan.delta, accountant=plan.accountant)
             raise budget_exhausted(plan, steps, eps)

@@ -120,7 +120,7 @@ def epsilon_from_history(history, *, delta: float, accountant: str = "rdp") -> f
     """ε of an accountant history: a list of (σ, q, steps) entries, as Opacus' accountants store it
     (and as dpdm checkpoints keep it under ``["dpdm"]["accountant"]["history"]``)."""
     entries = [(float(s), float(q), int(n)) for s, q, n in history]
-    if sum(n for _, _, n in entries) == 0:
+    if steps_in_history(entries) == 0:
         return 0.0
     acc = create_accountant(mechanism=_check_accountant(accountant))
     acc.history = entries

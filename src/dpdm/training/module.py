@@ -18,7 +18,7 @@ from dpdm.diffusion.loss import denoising_loss_per_example, draw_training_noise
 from dpdm.diffusion.noise_levels import LogNormalSigma
 from dpdm.diffusion.preconditioning import Denoiser, EDMPreconditioning
 from dpdm.diffusion.samplers import latents_from_seeds, run_sampler
-from dpdm.privacy.accounting import accountant_epsilon
+from dpdm.privacy.accounting import accountant_epsilon, steps_in_history
 from dpdm.privacy.engine import DPComponents, check_engine, make_dp_components
 from dpdm.privacy.noise_multiplicity import set_empty_grad_samples
 from dpdm.training.ema import ema_rate_at, make_ema_copy, update_ema
@@ -109,7 +109,7 @@ class DPDiffusionModule(pl.LightningModule):
         if self.dp is None:
             return int(self.global_step)
         # Opacus merges consecutive identical steps into (σ, q, count) entries; len() counts entries.
-        return sum(int(n) for _, _, n in self.dp.accountant.history)
+        return steps_in_history(self.dp.accountant.history)
 
     def epsilon_spent(self) -> float:
         if not self.plan.enabled:
