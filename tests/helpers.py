@@ -18,6 +18,16 @@ def tiny_denoiser(*, dtype=torch.float64, seed: int = 0, num_classes: int = 3,
     return Denoiser(net, EDMPreconditioning()).to(dtype).train()
 
 
+def compose_config(name: str, overrides=(), *, hydra_config: bool = False):
+    """A config of conf/ (`train`, `sample`, `evaluate`) composed with overrides, as the CLI would see it."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "conf")):
+        return compose(name, overrides=list(overrides), return_hydra_config=hydra_config)
+
+
 class RecordingModule(DPDiffusionModule):
     """The real module, recording the gradient that reaches the wrapped Adam at every real step (after
     clipping, noise, scaling and, under DDP, the all-reduce)."""

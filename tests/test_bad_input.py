@@ -1,7 +1,5 @@
 """Bad input to dpdm-train / dpdm-sample: one clear message, exit code 2, no traceback, nothing earlier
 overwritten, and no training started (each case fails within seconds of startup)."""
-import os
-import subprocess
 import sys
 from pathlib import Path
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -23,6 +22,7 @@ from torch import nn
 from dpdm.cli.evaluate import positional_input_to_override
 from dpdm.data import load_split
 from dpdm.diffusion.preconditioning import Denoiser
+from tests.helpers import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -38,9 +38,7 @@ def _fast_overrides(cache_dir):
             "evaluation.downstream.classifiers=[logreg,cnn]"]
 
 
-def _compose(name, overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        return compose(name, overrides=overrides)
+_compose = compose_config
 
 
 def _env(tmp):

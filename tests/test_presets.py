@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from dpdm.data import DATASETS, DatasetMissingError, load_split, prepare
 from tests.fixtures_celeba import celeba_file_list, write_fake_celeba
+from tests.helpers import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -58,9 +58,7 @@ def celeba_data_dir(tmp_path_factory):
     return root / "data"
 
 
-def _compose(config_name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name, overrides=overrides)
+_compose = compose_config
 
 
 def _skip_reason(cfg) -> str | None:

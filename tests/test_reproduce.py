@@ -15,6 +15,7 @@ from dpdm.experiments.paper import HEADLINE
 from dpdm.experiments.reproduce import (BENCHMARK_FILE, H200_REFERENCE_IMAGES_PER_S, RECIPES, format_duration,
                                         run_cost, stored_throughput)
 from dpdm.experiments.sweeps import NO_INCEPTION
+from tests.helpers import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -136,13 +137,10 @@ def test_notebook_executes_against_the_runs(shrunk, tmp_path):
 # ---- the compute-budget preset -----------------------------------------------------------------------
 
 def test_fast_preset_accounting_is_exact_for_its_own_batch_and_epochs():
-    from hydra import compose, initialize_config_dir
-
     from dpdm.privacy.accounting import epsilon_spent
     from dpdm.training.privacy_plan import make_privacy_plan
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", ["experiment=mnist_eps10_fast", "output_dir=unused"])
+    cfg = compose_config("train", ["experiment=mnist_eps10_fast", "output_dir=unused"])
     assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.loss.noise_multiplicity) == (2048, 20, 2)
     assert cfg.privacy.epsilon == 10 and cfg.privacy.delta == 1e-5 and cfg.privacy.noise_multiplier is None
     assert (cfg.net.model_channels, list(cfg.net.channel_mult), cfg.net.num_blocks) == (32, [1, 2, 2], 2)

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from dpdm.privacy.accounting import epsilon_spent
+from tests.helpers import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -133,8 +133,7 @@ def test_report_reads_evaluations_and_says_why_fid_is_missing(sweep, tmp_path):
 # ---- launchers ----------------------------------------------------------------------------------------
 
 def _compose_hydra(overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
+    return compose_config("train", overrides, hydra_config=True)
 
 
 def test_joblib_and_slurm_launcher_configs_compose():
