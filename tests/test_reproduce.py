@@ -71,6 +71,9 @@ def shrunk(tmp_path_factory):
     return {"runs": runs, "args": args, "tmp": tmp, "stdout": proc.stdout}
 
 
+# The shrunk paper pipeline runs five CLI stages (~2 min on 2 cores): `make test-slow`. Each stage's command
+# is tested on its own in the default suite (train, sample, evaluate).
+@pytest.mark.slow
 def test_shrunk_reproduction_runs_every_stage(shrunk):
     d = shrunk["runs"] / "mnist_eps10"
     state = json.loads((d / "reproduce.json").read_text())
@@ -85,6 +88,7 @@ def test_shrunk_reproduction_runs_every_stage(shrunk):
     assert not (shrunk["runs"] / "mnist_eps1").exists()  # --epsilon 10 only
 
 
+@pytest.mark.slow
 def test_results_page_puts_our_numbers_beside_the_papers(shrunk):
     page = (shrunk["runs"] / "mnist.md").read_text()
     print(page)
@@ -108,6 +112,7 @@ def test_results_page_puts_our_numbers_beside_the_papers(shrunk):
         assert rec["command"] in page
 
 
+@pytest.mark.slow
 def test_running_again_skips_finished_stages(shrunk):
     proc = subprocess.run(shrunk["args"], cwd=REPO, env=_env(shrunk["tmp"]), capture_output=True, text=True,
                           timeout=600)
@@ -115,6 +120,7 @@ def test_running_again_skips_finished_stages(shrunk):
     assert proc.stdout.count("done earlier, skipped") == 5
 
 
+@pytest.mark.slow
 def test_notebook_executes_against_the_runs(shrunk, tmp_path):
     import nbformat
     from nbclient import NotebookClient

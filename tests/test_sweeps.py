@@ -148,6 +148,7 @@ def test_joblib_and_slurm_launcher_configs_compose():
     assert basic._target_ == "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
+@pytest.mark.slow  # a second launcher spawning its own workers (~30 s): `make test-slow`
 def test_joblib_launcher_runs_two_jobs(tmp_path):
     sweep_dir = tmp_path / "j"
     proc = _run([str(BIN / "dpdm-train"), "-m", "hydra/launcher=joblib", *TINY, "loss.noise_multiplicity=1",

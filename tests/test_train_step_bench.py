@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # three engines through the benchmark harness (~40 s on 2 cores): `make test-slow`
 def test_bench_runs_every_variant_and_appends_results(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--device", "cpu",
