@@ -78,8 +78,14 @@ def run_cli(script: str, *args: str, env: dict | None = None, cwd=None):
     os.environ.update({"WANDB_MODE": "disabled",
                        "DPDM_DATA_DIR": str(Path(__file__).resolve().parents[1] / "data"), **(env or {})})
     os.chdir(cwd or Path(__file__).resolve().parents[1])
+    import logging.config
+    from unittest import mock
+
+    # Hydra configures logging with dictConfig, which first closes *every* existing handler, pytest's
+    # own capture handlers included; a subprocess has none. Clear only the handler registry instead.
+    keep_handlers = mock.patch.object(logging.config, "_clearExistingHandlers", logging._handlers.clear)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with keep_handlers, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 result = main()  # the console script runs sys.exit(main())
                 rc = result if isinstance(result, int) else 0
