@@ -1,11 +1,25 @@
 """Small builders shared by tests."""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import logging.config
+import os
+import subprocess
+import sys
+import traceback
+from importlib.metadata import entry_points
+from pathlib import Path
+from unittest import mock
+
 import torch
 
 from dpdm.diffusion.preconditioning import Denoiser, EDMPreconditioning
 from dpdm.nets import DDPMppUNet
 from dpdm.training.module import DPDiffusionModule
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_denoiser(*, dtype=torch.float64, seed: int = 0, num_classes: int = 3,
@@ -20,11 +34,9 @@ def tiny_denoiser(*, dtype=torch.float64, seed: int = 0, num_classes: int = 3,
 
 def compose_config(name: str, overrides=(), *, hydra_config: bool = False):
     """A config of conf/ (`train`, `sample`, `evaluate`) composed with overrides, as the CLI would see it."""
-    from pathlib import Path
-
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "conf")):
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         return compose(name, overrides=list(overrides), return_hydra_config=hydra_config)
 
 
@@ -58,33 +70,19 @@ def run_cli(script: str, *args: str, env: dict | None = None, cwd=None):
     runs; tests of what a command does, not of how it is launched, run it here instead. Tests of the
     installed entry points themselves, of signals and of multi-process runs keep real subprocesses.
     """
-    import contextlib
-    import io
-    import logging
-    import os
-    import subprocess
-    import sys
-    import traceback
-    from importlib.metadata import entry_points
-    from pathlib import Path
-
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == script]
     main = ep.load()
     out, err = io.StringIO(), io.StringIO()
     saved_argv, saved_env, saved_cwd = sys.argv, dict(os.environ), os.getcwd()
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
-    sys.argv = [script, *map(str, args)]
-    os.environ.update({"WANDB_MODE": "disabled",
-                       "DPDM_DATA_DIR": str(Path(__file__).resolve().parents[1] / "data"), **(env or {})})
-    os.chdir(cwd or Path(__file__).resolve().parents[1])
-    import logging.config
-    from unittest import mock
-
     # Hydra configures logging with dictConfig, which first closes *every* existing handler, pytest's
     # own capture handlers included; a subprocess has none. Clear only the handler registry instead.
     keep_handlers = mock.patch.object(logging.config, "_clearExistingHandlers", logging._handlers.clear)
     try:
+        sys.argv = [script, *map(str, args)]
+        os.environ.update({"WANDB_MODE": "disabled", "DPDM_DATA_DIR": str(REPO / "data"), **(env or {})})
+        os.chdir(cwd or REPO)
         with keep_handlers, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 result = main()  # the console script runs sys.exit(main())
