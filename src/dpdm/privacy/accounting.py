@@ -57,7 +57,6 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
     lo, hi = 1.0, 1.0
     g_hi = gap(hi)
     if g_hi > 0:  # walk up until the budget holds
-        g_lo = g_hi
         while g_hi > 0:
             lo, g_lo, hi = hi, g_hi, 2 * hi
             if hi > 1e4:
@@ -70,7 +69,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
             g_lo = gap(lo)
         if g_lo <= 0:
             return lo  # any σ ≥ 1e-6 meets this budget
-    # Interpolate with weights f_lo, f_hi; stop on the true gap at hi. Illinois: when the same end moves
+    # Interpolate with weights f_lo, f_hi; stop on the true gap g_hi at hi. Illinois: when the same end moves
     # twice running, halve the other end's weight so false position does not stall on one side.
     f_lo, f_hi, side = g_lo, g_hi, 0
     for _ in range(100):
@@ -90,7 +89,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
                 f_lo /= 2
             side = 1
         else:
-            lo, g_lo, f_lo = mid, g, g
+            lo, f_lo = mid, g
             if side == -1:
                 f_hi /= 2
             side = -1
