@@ -13,9 +13,10 @@ from PIL import Image
 from torchvision.datasets import CelebA
 
 from dpdm.cli import data as data_cli
-from dpdm.data import acquire
-from dpdm.data.acquire import DATASETS, DatasetCorruptError, DatasetMissingError, celeba_transform, load_split, prepare
+from dpdm.data import DATASETS, DatasetCorruptError, DatasetMissingError, load_split, prepare
+from dpdm.data.cache import celeba_raw_dir
 from dpdm.data.datamodule import ImageDataModule
+from dpdm.data.sources.celeba import celeba_transform
 from tests.fixtures_celeba import HEIGHT, WIDTH, celeba_file_list, write_fake_celeba
 
 N_TRAIN, N_VALID, N_TEST = 16, 4, 4
@@ -181,4 +182,4 @@ def test_dataset_info():
     info = DATASETS["celeba32"]
     assert info.image_shape == (3, 32, 32) and info.num_classes == 0
     assert (info.num_train, info.num_test) == (162770, 19962)
-    assert Path(acquire.celeba_raw_dir(Path("/x"))) == Path("/x/celeba_raw")
+    assert Path(celeba_raw_dir(Path("/x"))) == Path("/x/celeba_raw")

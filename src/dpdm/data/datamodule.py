@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +10,9 @@ import torch
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dpdm.data.acquire import dataset_info, load_split
+from dpdm.data.cache import load_split
+from dpdm.data.registry import dataset_info
+from dpdm.utils.images import from_uint8
 from dpdm.utils.seeds import derived_seed, os_seed
 
 __all__ = ["ImageDataModule", "UInt8ImageDataset", "batch_passthrough"]
@@ -36,18 +37,14 @@ class UInt8ImageDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    @staticmethod
-    def _to_float(x: torch.Tensor) -> torch.Tensor:
-        return x.to(torch.float32).div_(127.5).sub_(1.0)
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._to_float(self.images[index]), self.labels[index]
+        return from_uint8(self.images[index]), self.labels[index]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         # An empty index list yields (0, C, H, W) / (0,) tensors directly, so
         # empty Poisson batches never depend on a collate fallback.
         idx = torch.as_tensor(indices, dtype=torch.int64)
-        return self._to_float(self.images[idx]), self.labels[idx]
+        return from_uint8(self.images[idx]), self.labels[idx]
 
 
 def batch_passthrough(batch: Any) -> Any:
