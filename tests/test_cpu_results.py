@@ -3,15 +3,12 @@ and `dpdm-reproduce cpu --dry-run` listing what it would run. The real train →
 the same study code is covered end to end in test_study.py (including a learning curve)."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from dpdm.experiments.cpu_results import epoch_checkpoints, reproduce_cpu
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from tests.helpers import BIN, REPO
 
 
 def _row(variant, mode, **kw):
@@ -41,12 +38,15 @@ def test_page_has_each_preset_with_eps_accuracies_target_control_and_curve(tmp_p
     study.write_text(yaml.safe_dump({
         "train": [], "controls": True, "sample": {"n": 12000}, "samplers": {"preset": []},
         "evaluation": {"downstream": {"val_size": 2000, "max_epochs": 30, "patience": 5}},
-        "variants": {"mnist_eps10_cpu": ["experiment=mnist_eps10_cpu"], "mnist_eps1_cpu": ["experiment=mnist_eps1_cpu"]}}))
+        "variants": {"mnist_eps10_cpu": ["experiment=mnist_eps10_cpu"],
+                     "mnist_eps1_cpu": ["experiment=mnist_eps1_cpu"]}}))
     results = tmp_path / "results"
     (results / "study").mkdir(parents=True)
+    heun = {"name": "edm_heun", "num_steps": 14, "sigma_min": 0.05, "guidance": 0.0}
     rows = [_row("mnist_eps10_cpu", "dp", epsilon=9.9996, sigma=0.58, acc_logreg=0.81, acc_mlp=0.86, acc_cnn=0.923,
-                 agreement=0.97, fd_classifier_test=120.5),
-            _row("mnist_eps10_cpu", "nonprivate", epsilon=None, acc_cnn=0.975, agreement=0.995, fd_classifier_test=40.0)]
+                 agreement=0.97, fd_classifier_test=120.5, sampler_spec=heun),
+            _row("mnist_eps10_cpu", "nonprivate", epsilon=None, acc_cnn=0.975, agreement=0.995,
+                 fd_classifier_test=40.0)]
     (results / "study" / "cpu_mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = tmp_path / "runs" / "cpu_mini" / "mnist_eps10_cpu" / "dp"
     _fake_run(run)
@@ -57,7 +57,8 @@ def test_page_has_each_preset_with_eps_accuracies_target_control_and_curve(tmp_p
                          page=results / "cpu.md", report_only=True, progress=lambda *a: None)
     text = page.read_text()
     line = next(x for x in text.splitlines() if x.startswith("| `mnist_eps10_cpu`"))
-    for cell in ("9.9996", "0.58", "1024", "340", "45.0 min", "81.0%", "86.0%", "92.3%", "≥ 90%", "97.0%", "120.5",
+    for cell in ("9.9996", "0.58", "1024", "340", "45.0 min", "edm_heun 14, σ_min 0.05, w 0", "81.0%", "86.0%",
+                 "92.3%", "≥ 90%", "97.0%", "120.5",
                  "97.5% / 99.5% / 40.0"):
         assert cell in line, (cell, line)
     assert "| `mnist_eps1_cpu` | not run |" in text

@@ -1,38 +1,42 @@
 """dpdm-study end to end, shrunk: a variant and its non-private control are trained, sampled, scored."""
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.test_train_cli import SHRINK
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from tests.helpers import BIN, REPO, SHRINK, cli_env
 
 
 def test_study_trains_samples_and_scores_each_variant_with_its_control(tmp_path):
     spec = {
-        "train": [*SHRINK, "callbacks.model_checkpoint.save_top_k=-1"],   # every epoch's checkpoint (curve)
+        "train": [*SHRINK, "callbacks.model_checkpoint.save_top_k=-1",    # every epoch's checkpoint (curve)
+                  "sampler.num_steps=2"],                                   # the variants' own sampler: cheap
         "controls": True,
         "sample": {"n": 20, "batch_size": 20},
-        "samplers": {"ddim2": ["sampler=ddim", "sampler.num_steps=2"]},
+        "samplers": {"ddim2": ["sampler=ddim", "sampler.num_steps=2"], "own": "config"},
         "variants": {"shifted": ["noise.log_sigma_shift=1.0"]},
         "evaluation": {"cache_dir": str(tmp_path / "cache"),
                        "real_classifier": {"num_train": 1000, "max_epochs": 1, "lr": 1e-3}},
     }
     study = tmp_path / "tiny_study.yaml"
     study.write_text(yaml.safe_dump(spec))
-    env = dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(REPO / "data"))
+    env = cli_env()
     cmd = [str(BIN / "dpdm-study"), "run", str(study), "--runs-dir", str(tmp_path / "runs"),
            "--results", str(tmp_path / "results")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "results" / "tiny_study.jsonl").read_text().splitlines()]
-    assert {(r["variant"], r["mode"]) for r in rows} == {("shifted", "dp"), ("shifted", "nonprivate")}
+    assert {(r["variant"], r["mode"], r["sampler"]) for r in rows} == {
+        (v, m, s) for v in ["shifted"] for m in ("dp", "nonprivate") for s in ("ddim2", "own")}
+    # Each row records the sampler that drew its samples: the listed overrides, or the variant's own.
+    from dpdm.experiments.study import Study, configured_sampler
+
+    own = configured_sampler(Study.load(study), "shifted")
+    for r in rows:
+        assert r["sampler_spec"]["name"] == ("ddim" if r["sampler"] == "ddim2" else own["name"])
+        assert r["sampler_spec"]["num_steps"] == (2 if r["sampler"] == "ddim2" else own["num_steps"])
     for r in rows:
         assert 0.0 <= r["agreement"] <= 1.0 and r["fd_classifier_test"] > 0
         assert r["steps"] == 8 and r["noised_images"] == 8 * 100 * 2  # 2 epochs of q = 100/400, K = 2
@@ -48,12 +52,26 @@ def test_study_trains_samples_and_scores_each_variant_with_its_control(tmp_path)
     again = subprocess.run(cmd + ["--variants", "shifted", "--modes", "dp"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "trained already" in again.stdout
+    assert "sampled" not in again.stdout and again.stdout.count("scored already") == 2
+
+    # The variant's configured sampler changes after training: its samples are drawn and scored again
+    # with the new one (the old set is kept aside), the listed sampler's are reused, nothing is retrained.
+    spec["train"][-1] = "sampler.num_steps=3"
+    study.write_text(yaml.safe_dump(spec))
+    changed = subprocess.run(cmd + ["--variants", "shifted", "--modes", "dp"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 0, changed.stdout[-2000:] + changed.stderr[-3000:]
+    assert "trained already" in changed.stdout and changed.stdout.count("sampled 20 with") == 1
+    run = tmp_path / "runs" / "tiny_study" / "shifted" / "dp"
+    assert (run / "samples_own.old1" / "samples.npz").exists()
+    newest = json.loads((tmp_path / "results" / "tiny_study.jsonl").read_text().splitlines()[-1])
+    assert newest["sampler"] == "own" and newest["sampler_spec"]["num_steps"] == 3
+    assert "sampler.num_steps=3" in " ".join(newest["sampler_overrides"])
 
     # The learning curve of results/cpu.md: each epoch checkpoint sampled and scored by the downstream CNN.
     from dpdm.evaluation.protocol import EvalSettings, Evaluator
     from dpdm.experiments.cpu_results import learning_curve
 
-    run = tmp_path / "runs" / "tiny_study" / "shifted" / "dp"
     settings = EvalSettings.from_dict({**spec["evaluation"], "reference_splits": ["test"],
                                        "downstream": {"classifiers": ["cnn"], "val_size": 0.2, "max_epochs": 1}})
     evaluator = Evaluator(dataset="mnist", data_dir=REPO / "data", settings=settings)
@@ -67,6 +85,27 @@ def test_study_trains_samples_and_scores_each_variant_with_its_control(tmp_path)
     stamp = (run / "curve" / "step_4" / "samples.npz").stat().st_mtime_ns
     assert learning_curve(run, evaluator=evaluator, n=20, batch_size=20, progress=lambda *a: None) == points
     assert (run / "curve" / "step_4" / "samples.npz").stat().st_mtime_ns == stamp
+    # Asked for another sampler, the curve redoes every point with it.
+    ddim = {"name": "ddim", "num_steps": 2, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "guidance": 0.0}
+    redone = learning_curve(run, evaluator=evaluator, n=20, batch_size=20, sampler=ddim, progress=lambda *a: None)
+    assert [p["step"] for p in redone] == [4, 8] and all(p["sampler"] == ddim for p in redone)
+    assert (run / "curve" / "step_4.old1" / "samples.npz").exists()
+
+
+def test_sampler_overrides_make_dpdm_sample_compose_exactly_that_sampler():
+    """Hydra's own parser is the reference: the overrides of a sampler dict compose back to the same dict,
+    for every sampler config shipped and for values the grammar treats specially (inf, floats, ints)."""
+    from dpdm.experiments.study import sampler_overrides
+    from dpdm.utils.configs import compose, to_plain
+
+    specs = [to_plain(compose("sample", ["ckpt=x", "out=y", f"sampler={p.stem}"]).sampler)
+             for p in sorted((REPO / "conf" / "sampler").glob("*.yaml"))]
+    specs.append({**specs[0], "guidance": 1.5, "num_steps": 7, "sigma_min": 0.05})
+    specs.append({"name": "edm_heun", "num_steps": 14, "sigma_min": 0.05, "sigma_max": 80.0, "rho": 7.0,
+                  "guidance": 0.0, "S_churn": 0.0, "S_min": 0.0, "S_max": float("inf"), "S_noise": 1.0})
+    for spec in specs:
+        got = to_plain(compose("sample", ["ckpt=x", "out=y", *sampler_overrides(spec)]).sampler)
+        assert got == spec
 
 
 def test_unknown_study_key_and_missing_file_are_refused(tmp_path):

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from dpdm.evaluation.downstream import LabeledImages
-from dpdm.evaluation.protocol import EvalSettings, Evaluator
+from dpdm.evaluation.protocol import Evaluator
 from dpdm.evaluation.synthetic import samples_from_npz
+from dpdm.experiments.cpu_results import STUDY_FILE, curve_settings
+from dpdm.experiments.study import Study
 
 
 def median3(x: torch.Tensor) -> torch.Tensor:
@@ -35,8 +37,8 @@ def clean(label: str, s: LabeledImages) -> LabeledImages:
 
 
 def main(out: str, *pairs: str) -> None:
-    ds = {"max_epochs": 30, "patience": 5, "classifiers": ["cnn"], "val_size": 0.2}
-    settings = EvalSettings.from_dict({"reference_splits": ["test"], "downstream": ds})
+    # results/cpu.md's study settings (30 epochs, patience 5) under the curve's protocol.
+    settings = curve_settings(Study.load(STUDY_FILE).evaluation)
     ev = Evaluator(dataset="mnist", settings=settings, data_dir=os.environ.get("DPDM_DATA_DIR", "data"))
     for pair in pairs:
         label, path = pair.split("=", 1)

@@ -14,7 +14,9 @@ done
 python scripts/study/score_npz.py results/study/cpu_sigma_min.jsonl \
   "w0_smin0.05=$D/w0_smin0.05/samples.npz" "w0_smin0.3=$D/w0_smin0.3/samples.npz" \
   "w0_smin0.05+median3=$D/w0_smin0.05/samples.npz"
-# The w = 2 rows: the learning curve's step-340 samples, raw and cleaned up.
+# The w = 2 rows (the same seeds as the learning curve's step-340 point of the w = 2 preset), raw and cleaned up.
+out=$D/w2_smin0.05
+[ -f $out/samples.npz ] || dpdm-sample ckpt=$CK n=2000 out=$out batch_size=500 overwrite=true sampler.guidance=2 sampler.sigma_min=0.05 > $out.log 2>&1
 python scripts/study/score_npz.py results/study/cpu_sigma_min.jsonl \
-  "w2_smin0.05=$RUN/curve/step_340/samples.npz" "w2_smin0.05+median3=$RUN/curve/step_340/samples.npz" \
-  "w2_smin0.05+threshold63=$RUN/curve/step_340/samples.npz" "w2_smin0.05+threshold102=$RUN/curve/step_340/samples.npz"
+  "w2_smin0.05=$out/samples.npz" "w2_smin0.05+median3=$out/samples.npz" \
+  "w2_smin0.05+threshold63=$out/samples.npz" "w2_smin0.05+threshold102=$out/samples.npz"

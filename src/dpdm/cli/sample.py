@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -16,6 +15,7 @@ from omegaconf import DictConfig
 
 from dpdm.cli import CONFIG_DIR
 from dpdm.cli.errors import exit_on_user_error
+from dpdm.utils.files import atomic_path
 
 log = logging.getLogger("dpdm.sample")
 
@@ -49,7 +49,7 @@ def grid_rows(y: torch.Tensor, per_row: int = 10, max_rows: int = 10) -> tuple[t
 def draw_samples(denoiser, *, n: int, labels, seed: int, sampler_cfg, batch_size: int,
                  image_shape, device) -> torch.Tensor:
     """n uint8 samples; sample i uses seed + i for its latent and its sampling noise."""
-    from dpdm.diffusion.samplers import latents_from_seeds, run_sampler
+    from dpdm.diffusion.samplers import sample_from_seeds
     from dpdm.utils.configs import to_plain
     from dpdm.utils.images import to_uint8
 
@@ -57,9 +57,8 @@ def draw_samples(denoiser, *, n: int, labels, seed: int, sampler_cfg, batch_size
     out = []
     for start in range(0, n, batch_size):
         seeds = list(range(seed + start, seed + min(n, start + batch_size)))
-        lab = None if labels is None else labels[start:start + len(seeds)].to(device)
-        x = run_sampler(denoiser, latents_from_seeds(seeds, image_shape, device=device),
-                        class_labels=lab, noise_seeds=seeds, **spec)
+        lab = None if labels is None else labels[start:start + len(seeds)]
+        x = sample_from_seeds(denoiser, seeds, sampler=spec, class_labels=lab, shape=image_shape, device=device)
         out.append(to_uint8(x))
         log.info("sampled %d / %d", start + len(seeds), n)
     return torch.cat(out)
@@ -67,9 +66,15 @@ def draw_samples(denoiser, *, n: int, labels, seed: int, sampler_cfg, batch_size
 
 def run_sampling(cfg: DictConfig) -> Path:
     from dpdm.diffusion.inference import prepare_for_sampling
-    from dpdm.training.checkpoint import (checkpoint_dataset, load_checkpoint, load_ema_denoiser, sampler_for,
-                                          sampler_overridden)
+    from dpdm.training.checkpoint import (
+        checkpoint_dataset,
+        load_checkpoint,
+        load_ema_denoiser,
+        sampler_for,
+        sampler_overridden,
+    )
     from dpdm.utils.images import save_image_grid
+    from dpdm.utils.jsonio import write_json_atomic
 
     if cfg.n < 1:
         raise ValueError(f"n must be >= 1, got {cfg.n}")
@@ -81,20 +86,19 @@ def run_sampling(cfg: DictConfig) -> Path:
     ckpt = load_checkpoint(cfg.ckpt)
     denoiser = prepare_for_sampling(load_ema_denoiser(ckpt), device, channels_last=cfg.channels_last,
                                     compile=cfg.compile)
-    net = denoiser.net
-    shape = (net.in_channels, net.img_resolution, net.img_resolution)
-    labels = class_labels_for(cfg.classes, cfg.n, net.num_classes)
+    labels = class_labels_for(cfg.classes, cfg.n, denoiser.net.num_classes)
     sampler = sampler_for(ckpt, cfg.sampler, sampler_overridden(), log=log.info)
     x = draw_samples(denoiser, n=cfg.n, labels=labels, seed=cfg.seed, sampler_cfg=sampler,
-                     batch_size=cfg.batch_size, image_shape=shape, device=device)
+                     batch_size=cfg.batch_size, image_shape=denoiser.image_shape, device=device)
     y = labels if labels is not None else torch.full((cfg.n,), -1)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "samples.tmp.npz"
     # The dataset's name travels with the samples, so dpdm-evaluate and dpdm-audit memorization know
     # which real data to compare with.
-    np.savez_compressed(tmp, x=x.numpy(), y=y.numpy().astype(np.int64),
-                        dataset=np.array(checkpoint_dataset(ckpt) or ""))
-    os.replace(tmp, target)
+    with atomic_path(target, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, x=x.numpy(), y=y.numpy().astype(np.int64),
+                            dataset=np.array(checkpoint_dataset(ckpt) or ""))
+    # What drew them, for whoever reuses the samples (a study redraws when its sampler changed).
+    write_json_atomic(out / "sampler.json", {"ckpt": str(cfg.ckpt), "n": int(cfg.n), "seed": int(cfg.seed),
+                                             "sampler": sampler})
     rows, nrow = grid_rows(y, per_row=10)
     save_image_grid(x[rows], out / "grid.png", nrow=nrow)
     log.info("wrote %s (%d samples) and %s", target, cfg.n, out / "grid.png")

@@ -16,11 +16,24 @@ import re
 import shutil
 from pathlib import Path
 
-from dpdm.experiments.study import (DP, NONPRIVATE, Study, _bin, _run, latest_rows, read_rows, run_dataset,
-                                    run_study)
+from dpdm.experiments.study import (
+    CONFIG_SAMPLER,
+    DP,
+    NONPRIVATE,
+    Study,
+    configured_sampler,
+    draw,
+    drawn_with,
+    latest_rows,
+    read_rows,
+    run_dataset,
+    run_study,
+    same_sampler,
+)
+from dpdm.utils.configs import CONFIG_DIR
 from dpdm.utils.jsonio import read_json, write_json_atomic
 
-STUDY_FILE = Path("conf/study/cpu_presets.yaml")
+STUDY_FILE = Path(CONFIG_DIR) / "study" / "cpu_presets.yaml"
 CURVE_FILE = "learning_curve.json"
 # Target CNN accuracy (%) per preset, from issue 12 (the paper's ε=10 MNIST CNN is 98.1).
 TARGETS = {"mnist_eps10_cpu": 90.0, "mnist_eps1_cpu": 80.0, "fmnist_eps10_cpu": 75.0}
@@ -41,33 +54,49 @@ def epoch_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found.items())
 
 
-def learning_curve(run_dir: Path, *, evaluator, n: int, batch_size: int = 500, progress=print) -> list[dict]:
+def curve_settings(evaluation: dict | None = None):
+    """The learning curve's protocol: the downstream CNN only, a fifth of the samples held out for model
+    selection, the public test split as the reference; `evaluation` (a study's) sets the rest."""
+    from dpdm.evaluation.protocol import EvalSettings
+
+    evaluation = dict(evaluation or {})
+    ds = {**evaluation.get("downstream", {}), "classifiers": ["cnn"], "val_size": 0.2}
+    return EvalSettings.from_dict({**evaluation, "reference_splits": ["test"], "downstream": ds})
+
+
+def learning_curve(run_dir: Path, *, evaluator, n: int, sampler: dict | None = None, batch_size: int = 500,
+                   progress=print) -> list[dict]:
     """CNN accuracy (downstream protocol, real test set) of samples from each epoch checkpoint.
 
     Points are stored in <run_dir>/learning_curve.json as they are computed, so an interrupted curve
-    continues where it stopped. `evaluator` carries the downstream settings (classifiers, held-out size).
+    continues where it stopped. `evaluator` carries the downstream settings (classifiers, held-out size);
+    `sampler` (a sampler dict) draws every point with it, and points drawn with another are redone.
     """
     from dpdm.evaluation.synthetic import samples_from_npz
 
     path = run_dir / CURVE_FILE
     stored = read_json(path) or {}
-    points = [p for p in stored.get("points", []) if p.get("n") == n]
     summary = read_json(run_dir / "summary.json") or {}
     total, wall = summary.get("optimizer_steps"), summary.get("wall_time_s")
     if not total or not wall:
         raise FileNotFoundError(f"{run_dir}: no finished training run (summary.json); train it first")
+    checkpoints = epoch_checkpoints(run_dir)
+    by_step = dict(checkpoints)
+    # Points from before the sampler was recorded were drawn with the checkpoint's own sampler.
+    points = [p for p in stored.get("points", []) if p.get("n") == n and (
+        sampler is None or same_sampler(p.get("sampler") or drawn_with(run_dir / "curve" / f"step_{p['step']}",
+                                                                       by_step.get(p["step"], Path("-"))), sampler))]
     done = {p["step"] for p in points}
-    for step, ckpt in epoch_checkpoints(run_dir):
+    for step, ckpt in checkpoints:
         if step in done:
             continue
         out = run_dir / "curve" / f"step_{step}"
-        if not (out / "samples.npz").exists():
-            # Quoted: Lightning's checkpoint names contain '=', which Hydra's override grammar rejects bare.
-            _run([_bin("dpdm-sample"), f"ckpt='{ckpt}'", f"n={n}", f"out={out}", f"batch_size={batch_size}",
-                  "overwrite=true"], run_dir / "curve" / "sample.log")
+        draw(ckpt, out, n=n, batch_size=batch_size, spec=sampler, extra=[], log_path=run_dir / "curve" / "sample.log",
+             progress=progress)
         samples, _ = samples_from_npz(out / "samples.npz")
         m = evaluator.evaluate(samples, metrics=["downstream", "real_cnn_on_synthetic"]).metrics
         point = {"step": step, "minutes": wall * step / total / 60, "n": n, "checkpoint": ckpt.name,
+                 "sampler": (read_json(out / "sampler.json") or {}).get("sampler"),
                  "agreement": m.get("eval/real_cnn_acc_on_synthetic"),
                  **{k.removeprefix("eval/"): v for k, v in m.items() if k.startswith("eval/acc_")}}
         points.append(point)
@@ -106,6 +135,23 @@ def plot_learning_curves(curves: dict[str, list[dict]], path: Path) -> Path | No
     return path
 
 
+def _sampler_of(row: dict) -> dict | None:
+    """The sampler behind a row: recorded in it, else in the sample set's sampler.json (rows written
+    before the record existed)."""
+    if row.get("sampler_spec"):
+        return row["sampler_spec"]
+    record = read_json(Path(row.get("run_dir", "-")) / f"samples_{row.get('sampler')}" / "sampler.json")
+    return (record or {}).get("sampler")
+
+
+def sampler_label(spec: dict | None) -> str:
+    """'edm_heun 14, σ_min 0.05, w 0' for a sampler dict; '–' when the row predates the record."""
+    if not spec:
+        return "–"
+    return (f"{spec.get('name')} {spec.get('num_steps')}, σ_min {spec.get('sigma_min'):g}, "
+            f"w {spec.get('guidance', 0.0):g}")
+
+
 def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
@@ -130,8 +176,9 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
         f"`results/study/{study.name}.jsonl` and the run dirs it names. Machine(s): {', '.join(machines) or '–'}. "
         "No GPU.", "",
         "Protocol (the paper's, at a CPU-sized n): "
-        f"{study.sample_n:,} class-balanced samples drawn with each preset's own sampler (stored in the "
-        f"checkpoint); {study.sample_n - int(held_out):,} train LogReg / MLP / CNN (Adam 3e-4, batch 128, "
+        f"{study.sample_n:,} class-balanced samples drawn with each preset's configured sampler (the *sampler* "
+        "column; sampling is post-processing, so a preset's sampler can change without retraining); "
+        f"{study.sample_n - int(held_out):,} train LogReg / MLP / CNN (Adam 3e-4, batch 128, "
         f"up to {ds.get('max_epochs', 50)} epochs, early stop after {ds.get('patience')} without gain) and "
         f"{int(held_out):,} held-out synthetic samples select the epoch; accuracy on the real test set. The paper "
         "uses 60,000 + 10,000. *Agreement*: a CNN trained on real MNIST (99.1% on its test set) labels the "
@@ -140,15 +187,15 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
         "(`privacy=none`, same steps and batch): the gap between the two is the cost of privacy at this "
         "compute.", "",
         "## Results", "",
-        "| preset | ε spent (δ=1e-5) | σ | B | steps | training | LogReg | MLP | CNN | CNN target | agreement | "
-        "fd_classifier | control: CNN / agreement / fd_classifier |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "| preset | ε spent (δ=1e-5) | σ | B | steps | training | sampler | LogReg | MLP | CNN | CNN target | "
+        "agreement | fd_classifier | control: CNN / agreement / fd_classifier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant in study.variants:
         modes = by_variant.get(variant, {})
         dp, ctl = modes.get(DP), modes.get(NONPRIVATE)
         if dp is None:
             target = f"≥ {TARGETS[variant]:g}%" if variant in TARGETS else ""
-            lines.append(f"| `{variant}` | not run | | | | | | | | {target} | | | |")
+            lines.append(f"| `{variant}` | not run | | | | | | | | | {target} | | | |")
             continue
         control = ("not run" if ctl is None else
                    f"{_pct(ctl.get('acc_cnn'))} / {_pct(ctl.get('agreement'))} / {_num(ctl.get('fd_classifier_test'))}")
@@ -157,7 +204,8 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
             f"`{variant}`", "–" if eps is None else f"{eps:.4f}", _num(dp.get("sigma"), "{:.4g}"),
             str(dp.get("batch_size")), str(dp.get("steps")),
             "–" if dp.get("train_wall_s") is None else f"{dp['train_wall_s'] / 60:.1f} min",
-            _pct(dp.get("acc_logreg")), _pct(dp.get("acc_mlp")), _pct(dp.get("acc_cnn")),
+            sampler_label(_sampler_of(dp)), _pct(dp.get("acc_logreg")), _pct(dp.get("acc_mlp")),
+            _pct(dp.get("acc_cnn")),
             f"≥ {TARGETS[variant]:g}%" if variant in TARGETS else "", _pct(dp.get("agreement")),
             _num(dp.get("fd_classifier_test")), control]) + " |")
     lines += ["", "ε comes from each run's privacy.json (the accountant over the steps that ran).", ""]
@@ -182,7 +230,8 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
     else:
         lines += ["No curve yet.", ""]
     lines += ["## Commands", "", f"All of it (resumable): `{command}`. Per preset it runs:", "", "```",
-              *planned_commands(study), "```", "", "then scores the samples (`dpdm.experiments.study.score`) and the epoch checkpoints "
+              *planned_commands(study), "```", "",
+              "then scores the samples (`dpdm.experiments.study.score`) and the epoch checkpoints "
               "(`dpdm.experiments.cpu_results.learning_curve`). Study notes: docs/recipes.md.", ""]
     return "\n".join(lines)
 
@@ -197,7 +246,7 @@ def planned_commands(study: Study, variants: list[str] | None = None) -> list[st
         for mode, extra in ((DP, []), (NONPRIVATE, ["privacy=none"])):
             out.append(f"dpdm-train {' '.join([*study.train, *overrides, *extra])} hydra.run.dir={base}/{mode}")
             out.append(f"dpdm-sample ckpt={base}/{mode}/checkpoints/last.ckpt n={study.sample_n} "
-                       f"out={base}/{mode}/samples_preset")
+                       f"out={base}/{mode}/samples_preset sampler=<the preset's sampler: ...>")
     return out
 
 
@@ -209,7 +258,7 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
     """Run (unless report_only) and render results/cpu.md; returns the page."""
     import os
 
-    from dpdm.evaluation.protocol import EvalSettings, Evaluator
+    from dpdm.evaluation.protocol import Evaluator
 
     study = Study.load(study_file)
     if not report_only:
@@ -229,13 +278,11 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
         elif variants is None or variant in variants:
             dataset = run_dataset(run_dir)
             if dataset not in evaluators:
-                # The curve's protocol: the CNN only, a fifth of the samples held out for model selection.
-                ds = {**study.evaluation.get("downstream", {}), "classifiers": ["cnn"], "val_size": 0.2}
-                settings = EvalSettings.from_dict({**study.evaluation, "reference_splits": ["test"],
-                                                   "downstream": ds})
-                evaluators[dataset] = Evaluator(dataset=dataset, settings=settings,
+                evaluators[dataset] = Evaluator(dataset=dataset, settings=curve_settings(study.evaluation),
                                                 data_dir=data_dir or os.environ.get("DPDM_DATA_DIR", "data"))
-            curves[variant] = learning_curve(run_dir, evaluator=evaluators[dataset], n=curve_n,
+            spec = (configured_sampler(study, variant) if study.samplers.get("preset") == CONFIG_SAMPLER
+                    else None)
+            curves[variant] = learning_curve(run_dir, evaluator=evaluators[dataset], n=curve_n, sampler=spec,
                                              progress=progress)
         grid = run_dir / "samples_preset" / "grid.png"
         if grid.exists():

@@ -9,6 +9,12 @@ overrides), the samplers each trained model is scored with, and how many samples
     samplers: {heun18: [sampler.num_steps=18], heun18_w2: [sampler.num_steps=18, sampler.guidance=2]}
     variants: {baseline: [], patch2: [net=ddpmpp_tiny_p2]}
 
+A sampler given as the word `config` instead of a list means the variant's own `sampler:` as the config
+files compose it *now*, passed explicitly to dpdm-sample: a preset whose sampler was changed after its
+model was trained is scored with the new one (sampling is post-processing; the model needs no retraining).
+Every sample set records the sampler that drew it (sampler.json), and one drawn with another sampler
+than the one asked for is moved aside and drawn again.
+
 Every run is the real `dpdm-train` / `dpdm-sample` in a subprocess (what a user runs, nothing
 re-implemented), so a recipe found here carries over to a preset unchanged. Scores are the offline
 diagnostics of docs/evaluation.md, cheap enough for a CPU search: the agreement of the real-data CNN
@@ -31,6 +37,8 @@ from pathlib import Path
 from dpdm.utils.jsonio import read_json
 
 DP, NONPRIVATE = "dp", "nonprivate"
+# A samplers: entry naming the variant's configured sampler rather than a list of overrides.
+CONFIG_SAMPLER = "config"
 # Proxy runs set privacy.epsilon to at least this (with privacy.noise_multiplier by hand), so the budget
 # guard never stops them; their rows say "proxy" instead of an ε.
 PROXY_EPSILON = 1e5
@@ -41,7 +49,7 @@ class Study:
     name: str
     train: list[str]
     variants: dict[str, list[str]]
-    samplers: dict[str, list[str]]
+    samplers: dict[str, list[str] | str]   # overrides for dpdm-sample, or CONFIG_SAMPLER
     sample_n: int = 1000
     sample_batch_size: int = 500
     controls: bool = True
@@ -62,9 +70,15 @@ class Study:
         if not d.get("variants"):
             raise ValueError(f"{path}: a study needs at least one entry under variants")
         sample = d.get("sample") or {}
+        samplers = {}
+        for k, v in (d.get("samplers") or {"default": []}).items():
+            if isinstance(v, str) and v != CONFIG_SAMPLER:
+                raise ValueError(f"{path}: sampler {k!r} is {v!r}; give a list of overrides or {CONFIG_SAMPLER!r} "
+                                 "(the variant's own configured sampler)")
+            samplers[k] = v if isinstance(v, str) else list(v or [])
         return cls(name=path.stem, train=list(d.get("train") or []),
                    variants={k: list(v or []) for k, v in d["variants"].items()},
-                   samplers={k: list(v or []) for k, v in (d.get("samplers") or {"default": []}).items()},
+                   samplers=samplers,
                    sample_n=int(sample.get("n", 1000)), sample_batch_size=int(sample.get("batch_size", 500)),
                    controls=bool(d.get("controls", True)), description=str(d.get("description", "")),
                    evaluation=dict(d.get("evaluation") or {}))
@@ -107,18 +121,80 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
     return run_dir
 
 
-def sample_run(study: Study, run_dir: Path, sampler: str, progress=print) -> tuple[Path, float | None]:
-    """Samples of one trained run with one sampler; (samples.npz, wall seconds or None if reused)."""
+def configured_sampler(study: Study, variant: str) -> dict:
+    """The `sampler:` of a variant's training config as conf/ composes it now (resolved)."""
+    from dpdm.utils.configs import compose, to_plain
+
+    return to_plain(compose("train", [*study.train, *study.variants[variant], "output_dir=unused"]).sampler)
+
+
+def sampler_overrides(spec: dict) -> list[str]:
+    """dpdm-sample overrides that draw with exactly `spec`, whatever sampler the checkpoint stores."""
+    from dpdm.utils.configs import override_value
+
+    return [f"sampler={spec['name']}", *(f"++sampler.{k}={override_value(v)}" for k, v in spec.items()
+                                         if k != "name")]
+
+
+def drawn_with(out: Path, ckpt: Path) -> dict | None:
+    """The sampler a sample set in `out` was drawn with: its sampler.json, else (older sets, drawn without
+    sampler overrides) the one stored in the checkpoint. None when unknown."""
+    record = read_json(out / "sampler.json")
+    if record is not None:
+        return record.get("sampler")
+    from dpdm.training.checkpoint import checkpoint_sampler, load_checkpoint
+
+    return checkpoint_sampler(load_checkpoint(ckpt)) if ckpt.exists() else None
+
+
+def same_sampler(a: dict | None, b: dict | None) -> bool:
+    return a is not None and b is not None and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` to the first free <name>.old<i>, keeping what it holds."""
+    i = 1
+    while path.with_name(f"{path.name}.old{i}").exists():
+        i += 1
+    target = path.with_name(f"{path.name}.old{i}")
+    path.rename(target)
+    return target
+
+
+def draw(ckpt: Path, out: Path, *, n: int, batch_size: int, spec: dict | None, extra: list[str],
+         log_path: Path, progress=print) -> float | None:
+    """dpdm-sample of `n` samples into `out` (wall seconds), or None when `out` holds them already.
+
+    With `spec` (a sampler dict) the set must have been drawn with it: a set drawn otherwise is moved
+    aside and drawn again. Without it, `extra` overrides are passed and an existing set is reused.
+    """
+    if (out / "samples.npz").exists():
+        if spec is None or same_sampler(drawn_with(out, ckpt), spec):
+            return None
+        old = move_aside(out)
+        progress(f"    {out}: drawn with another sampler than {spec.get('name')} "
+                 f"w={spec.get('guidance')}; moved to {old.name}, drawing again")
+    overrides = sampler_overrides(spec) if spec is not None else extra
+    # Quoted: Lightning's checkpoint names contain '=', which Hydra's override grammar rejects bare.
+    return _run([_bin("dpdm-sample"), f"ckpt='{ckpt}'", f"n={n}", f"out={out}", f"batch_size={batch_size}",
+                 "overwrite=true", *overrides], log_path)
+
+
+def sample_run(study: Study, run_dir: Path, sampler: str, spec: dict | None = None,
+               progress=print) -> tuple[Path, float | None]:
+    """Samples of one trained run with one sampler; (samples.npz, wall seconds or None if reused).
+    `spec`: the sampler dict a CONFIG_SAMPLER entry resolves to for this run's variant."""
     out = run_dir / f"samples_{sampler}"
-    target = out / "samples.npz"
-    if target.exists():
-        return target, read_json(out / "timing.json").get("wall_s") if (out / "timing.json").exists() else None
-    wall = _run([_bin("dpdm-sample"), f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"n={study.sample_n}",
-                 f"out={out}", f"batch_size={study.sample_batch_size}", "overwrite=true",
-                 *study.samplers[sampler]], run_dir / f"sample_{sampler}.log")
+    overrides = study.samplers[sampler]
+    wall = draw(run_dir / "checkpoints" / "last.ckpt", out, n=study.sample_n, batch_size=study.sample_batch_size,
+                spec=spec, extra=[] if isinstance(overrides, str) else overrides,
+                log_path=run_dir / f"sample_{sampler}.log", progress=progress)
+    if wall is None:
+        timing = read_json(out / "timing.json") or {}
+        return out / "samples.npz", timing.get("wall_s")
     (out / "timing.json").write_text(json.dumps({"wall_s": wall}) + "\n")
     progress(f"    sampled {study.sample_n} with {sampler} in {wall:.0f}s")
-    return target, wall
+    return out / "samples.npz", wall
 
 
 def score(samples_path: Path, evaluator, downstream: bool) -> dict:
@@ -202,14 +278,19 @@ def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list
                 evaluators[dataset] = Evaluator(dataset=dataset, settings=settings,
                                                 data_dir=data_dir or os.environ.get("DPDM_DATA_DIR", "data"))
             evaluator = evaluators[dataset]
-            for sampler in study.samplers:
-                if _scored(rows_path, variant, mode, sampler, run_dir, study.sample_n, downstream):
+            for sampler, overrides in study.samplers.items():
+                spec = configured_sampler(study, variant) if overrides == CONFIG_SAMPLER else None
+                out = run_dir / f"samples_{sampler}"
+                current = spec is None or same_sampler(drawn_with(out, run_dir / "checkpoints" / "last.ckpt"), spec)
+                if current and _scored(rows_path, variant, mode, sampler, run_dir, study.sample_n, downstream):
                     progress(f"    {variant}/{mode}/{sampler}: scored already ({rows_path})")
                     continue
-                samples, sample_wall = sample_run(study, run_dir, sampler, progress)
+                samples, sample_wall = sample_run(study, run_dir, sampler, spec, progress)
                 scores = score(samples, evaluator, downstream)
                 row = {"study": study.name, "variant": variant, "mode": mode, "sampler": sampler,
-                       "sampler_overrides": study.samplers[sampler], "overrides": study.variants[variant],
+                       "sampler_overrides": sampler_overrides(spec) if spec is not None else overrides,
+                       "sampler_spec": (read_json(out / "sampler.json") or {}).get("sampler"),
+                       "overrides": study.variants[variant],
                        **facts, "sample_n": study.sample_n, "sample_wall_s": sample_wall, **scores,
                        "run_dir": str(run_dir), "commit": _git_commit(), "machine": machine_line(),
                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
