@@ -26,6 +26,7 @@ import platform
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -159,8 +160,7 @@ def main(argv=None) -> dict:
             spec = dict(OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "sampler" / f"{preset}.yaml")))
             steps = int(spec["num_steps"])
             k = steps if args.full else min(steps, args.measure_steps)
-            run = lambda: run_sampler(den, lat, class_labels=labels, noise_seeds=seeds,
-                                      **{**spec, "num_steps": k})
+            run = partial(run_sampler, den, lat, class_labels=labels, noise_seeds=seeds, **{**spec, "num_steps": k})
             t = min(timed(run, device) for _ in range(max(1, args.repeats - 1)))
             t_full = t * nfe(spec["name"], steps) / nfe(spec["name"], k)
             row = {"preset": preset, "steps": steps, "nfe": nfe(spec["name"], steps),

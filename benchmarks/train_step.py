@@ -17,7 +17,8 @@ levels per example, Adam). Variants:
 Timing is interleaved (round robin over variants, `--rounds` rounds of `--steps` steps after warm-up) so
 load changes on a shared machine hit all variants alike; the figure is the median step. Peak memory is
 CUDA's max allocated bytes on GPU, and on CPU the peak resident set of a separate process running only
-that variant with glibc malloc's defaults (peak minus the resident set just before the measured step, after one warm-up step).
+that variant with glibc malloc's defaults (peak minus the resident set just before the measured step, after one
+warm-up step).
 Results are appended to benchmarks/results/train_step.json with machine, versions and settings.
 """
 from __future__ import annotations

@@ -62,15 +62,17 @@ def write_fake_celeba(root: str | Path, *, n_train: int = 16, n_valid: int = 4, 
     bbox = rng.integers(0, 400, size=(n, 4))
     landmarks = rng.integers(0, 178, size=(n, len(LANDMARK_NAMES)))
     files = {
-        "list_eval_partition.txt": table([f"{f} {p}" for f, p in zip(names, partition)], None),
+        "list_eval_partition.txt": table([f"{f} {p}" for f, p in zip(names, partition, strict=True)], None),
         "identity_CelebA.txt": table([f"{f} {rng.integers(1, 10178)}" for f in names], None),
         # The real attribute header ends with a space; the reader must cope with that.
-        "list_attr_celeba.txt": table([f + " " + " ".join(f"{v:2d}" for v in row) for f, row in zip(names, attr)],
+        "list_attr_celeba.txt": table([f + " " + " ".join(f"{v:2d}" for v in row)
+                                       for f, row in zip(names, attr, strict=True)],
                                       " ".join(ATTR_NAMES) + " "),
-        "list_bbox_celeba.txt": table([f"{f} " + " ".join(f"{v:4d}" for v in row) for f, row in zip(names, bbox)],
+        "list_bbox_celeba.txt": table([f"{f} " + " ".join(f"{v:4d}" for v in row)
+                                       for f, row in zip(names, bbox, strict=True)],
                                       "image_id x_1 y_1 width height"),
         "list_landmarks_align_celeba.txt": table(
-            [f"{f} " + " ".join(f"{v:4d}" for v in row) for f, row in zip(names, landmarks)],
+            [f"{f} " + " ".join(f"{v:4d}" for v in row) for f, row in zip(names, landmarks, strict=True)],
             " ".join(LANDMARK_NAMES)),
     }
     md5s = {}

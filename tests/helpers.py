@@ -20,6 +20,17 @@ from dpdm.nets import DDPMppUNet
 from dpdm.training.module import DPDiffusionModule
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent   # the venv's console scripts
+
+# experiment=smoke shrunk for tests: 400 examples, 4 DP-SGD steps per epoch, 2 epochs, K = 2.
+SHRINK = ["experiment=smoke", "data.subset_size=400", "data.batch_size=100", "trainer.max_epochs=2",
+          "max_physical_batch_size=64", "callbacks.sample_grid.per_class=2",
+          "callbacks.sample_grid.num_steps=3"]
+
+
+def cli_env(**extra) -> dict:
+    """The environment of a CLI under test: wandb off, the checkout's datasets, plus `extra`."""
+    return {**os.environ, "WANDB_MODE": "disabled", "DPDM_DATA_DIR": str(REPO / "data"), **extra}
 
 
 def tiny_denoiser(*, dtype=torch.float64, seed: int = 0, num_classes: int = 3,
@@ -81,7 +92,7 @@ def run_cli(script: str, *args: str, env: dict | None = None, cwd=None):
     keep_handlers = mock.patch.object(logging.config, "_clearExistingHandlers", logging._handlers.clear)
     try:
         sys.argv = [script, *map(str, args)]
-        os.environ.update({"WANDB_MODE": "disabled", "DPDM_DATA_DIR": str(REPO / "data"), **(env or {})})
+        os.environ.update(cli_env(**(env or {})))
         os.chdir(cwd or REPO)
         with keep_handlers, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:

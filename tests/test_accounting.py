@@ -3,8 +3,7 @@ import dp_accounting
 import pytest
 from opacus.accountants.rdp import RDPAccountant
 
-from dpdm.privacy.accounting import (RDP_ORDERS, calibrate_noise_multiplier, epsilon_spent,
-                                     max_steps_within_budget)
+from dpdm.privacy.accounting import RDP_ORDERS, calibrate_noise_multiplier, epsilon_spent, max_steps_within_budget
 from dpdm.training.privacy_plan import make_privacy_plan
 
 GRID = [(0.01, 1.0, 1000), (4096 / 60000, 2.5, 4200), (0.001, 0.8, 10000), (0.2, 5.0, 100),

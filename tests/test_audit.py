@@ -17,8 +17,8 @@ import torch
 from scipy import optimize, stats
 from scipy.special import expit, logit
 
-from dpdm.privacy.audit import audit_p_value, bound_from_scores, epsilon_lower_bound, guess_counts
-from dpdm.privacy.canaries import CanaryAuditConfig, CanaryAuditModule, run_canary_audit
+from dpdm.audit.bounds import audit_p_value, bound_from_scores, epsilon_lower_bound, guess_counts
+from dpdm.audit.canaries import CanaryAuditConfig, CanaryAuditModule, run_canary_audit
 from dpdm.training.privacy_plan import PrivacyPlan
 from tests.helpers import tiny_denoiser
 
@@ -126,7 +126,7 @@ def test_canary_rows_add_exactly_C_at_their_coordinate_of_the_clipped_sum():
     real = [torch.randn((3, *p.shape), generator=g, dtype=p.dtype) for p in params]  # 3 real examples
 
     def update(with_canaries: bool):
-        for p, gs in zip(params, real):
+        for p, gs in zip(params, real, strict=True):
             p.grad_sample = gs.clone()
         if with_canaries:
             module.before_dp_step()
@@ -225,7 +225,7 @@ def test_step_log_likelihood_ratio_matches_the_gaussian_mixture_densities():
     """The llr score's per-step term vs scipy's normal densities: log[(1−q)φ(o;0,σC) + qφ(o;C,σC)] − log φ(o;0,σC)."""
     from scipy import stats
 
-    from dpdm.privacy.canaries import step_log_likelihood_ratio
+    from dpdm.audit.canaries import step_log_likelihood_ratio
 
     o = torch.tensor([-3.0, -0.5, 0.0, 0.4, 1.0, 2.5, 8.0], dtype=torch.float64)
     for q, sigma, C in ((0.05, 0.67, 1.0), (0.3, 2.3, 0.5), (0.001, 0.2, 2.0)):
@@ -239,7 +239,7 @@ def test_step_log_likelihood_ratio_matches_the_gaussian_mixture_densities():
 def test_llr_score_is_at_least_as_strong_as_the_sum_on_the_subsampled_gaussian():
     """Simulated white-box observations of T steps at σ = 0.67 (ε ≈ 10 in the CLI's setting): the
     likelihood-ratio score separates members better than the plain sum (AUC), as Neyman–Pearson says."""
-    from dpdm.privacy.canaries import step_log_likelihood_ratio
+    from dpdm.audit.canaries import step_log_likelihood_ratio
 
     g = torch.Generator().manual_seed(0)
     m, T, q, sigma, C = 4000, 100, 0.05, 0.67, 1.0

@@ -32,7 +32,7 @@ def test_architectures_are_the_papers():
     linears = [m for m in cnn.modules() if isinstance(m, torch.nn.Linear)]
     drops = [m for m in cnn.modules() if isinstance(m, torch.nn.Dropout)]
     assert [c.out_channels for c in convs] == [32, 64, 128] and all(c.kernel_size == (3, 3) for c in convs)
-    assert [(l.in_features, l.out_features) for l in linears] == [(1152, 128), (128, 10)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(1152, 128), (128, 10)]
     assert len(drops) == 3 and all(d.p == 0.5 for d in drops)
     x = torch.randn(5, 1, 28, 28)
     assert cnn(x).shape == (5, 10) and cnn.features(x).shape == (5, CNN.num_features)

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -39,27 +36,18 @@ from torch.utils.data import Subset
 from dpdm.data.datamodule import ImageDataModule
 from dpdm.privacy.accounting import epsilon_spent
 from dpdm.training.privacy_plan import make_privacy_plan
-from tests.ddp_worker import C, E, MAX_PHYSICAL, N, SIGMA, STEPS_DATA, STEPS_NOISE, fit, make_module
-from tests.helpers import tiny_denoiser
+from tests.ddp_worker import MAX_PHYSICAL, SIGMA, STEPS_DATA, STEPS_NOISE, C, E, N, fit, make_module
+from tests.helpers import BIN, REPO, cli_env, tiny_denoiser
 from tests.test_dp_noise import ALPHA, noise_test
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 N_PARAM_TENSORS = len(list(tiny_denoiser(num_classes=3).parameters()))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (OpenMP's spin-waiting on a busy 2-core machine made single ops
-    1000× slower with two). The subprocesses get OMP_NUM_THREADS=1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _env():
-    return dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(REPO / "data"), OMP_NUM_THREADS="1")
+    return cli_env(OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +70,7 @@ def single_process_union():
 
 
 def _max_diff(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
 def _flat(tensors) -> np.ndarray:
@@ -90,7 +78,7 @@ def _flat(tensors) -> np.ndarray:
 
 
 def test_ranks_use_opacus_ddp_pieces_and_reduce_once_per_logical_batch(ddp_run):
-    for rank, res in enumerate(ddp_run):
+    for res in ddp_run:
         for run in ("sigma0", "noise"):
             s = res[run]
             assert s["wrapper"] == "DifferentiallyPrivateDistributedDataParallel"  # not torch's DDP
@@ -109,22 +97,22 @@ def test_sigma0_ddp_steps_equal_single_process_steps_on_the_union(ddp_run, singl
     for rank in (0, 1):
         s = ddp_run[rank]["sigma0"]
         assert len(s["recorded"]) == 2
-        for got, want in zip(s["recorded"], ref.recorded):
+        for got, want in zip(s["recorded"], ref.recorded, strict=True):
             assert _max_diff(got, want) <= 1e-12
         assert _max_diff(s["params"], [p.detach() for p in ref.denoiser.parameters()]) <= 1e-10
         assert _max_diff(s["ema"], [p.detach() for p in ref.ema.parameters()]) <= 1e-10
         assert s["history"] == ref.dp.accountant.history == [(0.0, E / N, 2)]
     a, b = ddp_run
-    assert all(torch.equal(x, y) for x, y in zip(a["sigma0"]["params"], b["sigma0"]["params"]))
-    assert all(torch.equal(x, y) for x, y in zip(a["sigma0"]["ema"], b["sigma0"]["ema"]))
-    assert all(torch.equal(x, y) for x, y in zip(a["noise"]["params"], b["noise"]["params"]))
+    assert all(torch.equal(x, y) for x, y in zip(a["sigma0"]["params"], b["sigma0"]["params"], strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(a["sigma0"]["ema"], b["sigma0"]["ema"], strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(a["noise"]["params"], b["noise"]["params"], strict=True))
 
 
 def test_noise_is_added_once_per_logical_batch_with_std_sigma_C_over_B(ddp_run):
     s, clean = ddp_run[0]["noise"], ddp_run[0]["sigma0"]
     # Both ranks hand Adam the same all-reduced gradient.
-    for got, other in zip(s["recorded"], ddp_run[1]["noise"]["recorded"]):
-        assert all(torch.equal(x, y) for x, y in zip(got, other))
+    for got, other in zip(s["recorded"], ddp_run[1]["noise"]["recorded"], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(got, other, strict=True))
     # Step 0: same data and weights as the σ = 0 run, so the difference is the noise alone;
     # steps 1 and 2 had empty batches on both ranks: the update is pure noise.
     assert STEPS_NOISE[0] == STEPS_DATA[0] and all(s == ([], []) for s in STEPS_NOISE[1:])
@@ -237,9 +225,7 @@ def test_union_of_the_local_batches_is_a_poisson_sample_of_the_whole_dataset():
 # --- the command line: Lightning launches the second process ---------------------------------------
 
 def test_dpdm_train_trainer_ddp_two_processes_has_the_single_process_plan_and_epsilon(tmp_path):
-    shrink = ["experiment=smoke", "data.subset_size=40", "data.batch_size=10", "trainer.max_epochs=1",
-              "max_physical_batch_size=4", "callbacks.sample_grid.per_class=1",
-              "callbacks.sample_grid.num_steps=2"]
+    shrink = ["experiment=smoke", "debug=tiny", "max_physical_batch_size=4"]
     proc = subprocess.run([str(BIN / "dpdm-train"), *shrink, "trainer=ddp", "trainer.devices=2",
                            "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)

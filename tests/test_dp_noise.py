@@ -161,4 +161,4 @@ def test_poisson_batches_vary_and_empty_ones_are_noise_only_steps_that_are_accou
     assert 0 < module.epsilon_spent() < math.inf
     after = list(module.denoiser.parameters())
     assert all(torch.isfinite(p).all() for p in after)
-    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))

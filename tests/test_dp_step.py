@@ -62,10 +62,10 @@ def test_update_is_mean_of_clipped_per_example_gradients(max_physical, engine):
             norm = torch.sqrt(sum(gr.square().sum() for gr in grads))
             norms.append(norm.item())
             factor = min(1.0, C / (norm.item() + 1e-6))  # Opacus' clip factor
-            for e, gr in zip(expected, grads):
+            for e, gr in zip(expected, grads, strict=True):
                 e += factor * gr / E
     assert min(norms) > C, "test must exercise clipping"
-    worst = max((a - b).abs().max().item() for a, b in zip(got, expected))
+    worst = max((a - b).abs().max().item() for a, b in zip(got, expected, strict=True))
     assert worst < 1e-12, worst
 
 
@@ -116,6 +116,6 @@ def test_bf16_mixed_step_clips_and_noises_in_fp32():
         trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=len(x)))
         got[precision] = module.recorded[0]
     assert all(g.dtype == torch.float32 for g in got["bf16-mixed"])
-    err = torch.sqrt(sum((a - b).square().sum() for a, b in zip(got["bf16-mixed"], got["32-true"])))
+    err = torch.sqrt(sum((a - b).square().sum() for a, b in zip(got["bf16-mixed"], got["32-true"], strict=True)))
     ref = torch.sqrt(sum(b.square().sum() for b in got["32-true"]))
     assert 0 < err / ref < 0.05, (err / ref).item()

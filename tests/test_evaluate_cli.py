@@ -6,10 +6,8 @@ test split only (both cached for the module), one downstream epoch. FID is unava
 Inception weights) and must say so.
 """
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,10 +20,8 @@ from torch import nn
 from dpdm.cli.evaluate import positional_input_to_override
 from dpdm.data import load_split
 from dpdm.diffusion.preconditioning import Denoiser
-from tests.helpers import compose_config
+from tests.helpers import BIN, REPO, cli_env, compose_config
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 FAST = {"reference_splits": ["test"], "real_classifier": {"num_train": 2000, "max_epochs": 2, "lr": 1e-3},
         "downstream": {"max_epochs": 1, "val_size": 20, "classifiers": ["logreg", "cnn"]}}
 
@@ -43,8 +39,7 @@ _compose = compose_config
 
 def _env(tmp):
     # TORCH_HOME points at an empty directory: FID must be reported unavailable, not downloaded.
-    return dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(REPO / "data"),
-                TORCH_HOME=str(tmp / "torch_home"))
+    return cli_env(TORCH_HOME=str(tmp / "torch_home"))
 
 
 def _run(args, tmp):
@@ -156,7 +151,7 @@ class RealImageGenerator(pl.LightningModule):
         self.by_class = [images[labels == c] for c in range(10)]
 
     def sample(self, *, seeds, class_labels=None, sampler=None):
-        x = torch.stack([self.by_class[int(c)][s] for s, c in zip(seeds, class_labels)])
+        x = torch.stack([self.by_class[int(c)][s] for s, c in zip(seeds, class_labels, strict=True)])
         return x.float() / 127.5 - 1
 
     def epsilon_spent(self):

@@ -1,19 +1,15 @@
 """dpdm-export: the shareable file holds the EMA weights, the build config and the privacy record, nothing
 else; dpdm-sample draws the same samples from it as from the checkpoint; bad files get one message."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import BIN, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SHRINK = ["experiment=smoke", "data.subset_size=40", "data.batch_size=10", "trainer.max_epochs=1",
-          "max_physical_batch_size=64", "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.num_steps=2"]
+SHRINK = ["experiment=smoke", "debug=tiny"]
 
 
 def _run(*cmd):

@@ -7,8 +7,15 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from dpdm.evaluation import (EvalSettings, Evaluator, FIDUnavailable, FrechetDistance,
-                             LabeledImages, cached_feature_stats, resolve_inception_weights)
+from dpdm.evaluation import (
+    EvalSettings,
+    Evaluator,
+    FIDUnavailable,
+    FrechetDistance,
+    LabeledImages,
+    cached_feature_stats,
+    resolve_inception_weights,
+)
 from dpdm.evaluation.inception import INCEPTION_FILENAMES, INCEPTION_SHA256, INCEPTION_URL
 from dpdm.evaluation.real_classifier import ClassifierFeatures
 from dpdm.nets.classifiers import CNN

@@ -3,11 +3,10 @@ the source tree via PYTHONPATH and console-script shims, as on the GPU machine w
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 @pytest.mark.slow

@@ -103,7 +103,7 @@ def test_bf16_autocast_gives_fp32_per_example_grads_close_to_fp32(engine):
         grads[mode] = [p.grad_sample for p in den.net.parameters()]
     eng.cleanup()
     assert all(gs.dtype == torch.float32 for gs in grads["bf16"])
-    err = torch.sqrt(sum((a - b).square().sum() for a, b in zip(grads["bf16"], grads["fp32"])))
+    err = torch.sqrt(sum((a - b).square().sum() for a, b in zip(grads["bf16"], grads["fp32"], strict=True)))
     ref = torch.sqrt(sum(b.square().sum() for b in grads["fp32"]))
     assert 0 < err / ref < 0.05, (err / ref).item()
 

@@ -3,8 +3,8 @@
 For each layer (or block) under test the network sees B·K rows (example-major: row i·K + k) and a
 per-row loss ℓ_ik; the per-example loss is ℓ_i = mean_k ℓ_ik and the batch loss mean_i ℓ_i — exactly
 the reduction of `denoising_loss_per_example` + `training_step`. The per-example gradients Opacus stores
-through every engine offered (`dpdm.privacy.engine.ENGINES`) must equal a micro-batch reference: plain autograd of ℓ_i on
-example i's K rows alone. float64, tolerance 1e-10. Shapes are drawn by hypothesis.
+through every engine offered (`dpdm.privacy.engine.ENGINES`) must equal a micro-batch reference: plain
+autograd of ℓ_i on example i's K rows alone. float64, tolerance 1e-10. Shapes are drawn by hypothesis.
 """
 from __future__ import annotations
 

@@ -12,10 +12,14 @@ import torch
 from scipy import integrate, stats
 
 from dpdm.diffusion.loss import TrainingNoise, denoising_loss_per_example
-from dpdm.diffusion.noise_levels import (LogNormalSigma, LogSNRCosine, VELogUniform, VPUniformT,
-                                         check_compatible)
-from dpdm.diffusion.preconditioning import (Denoiser, EDMPreconditioning, VEPreconditioning,
-                                            VPPreconditioning, VPredictionPreconditioning)
+from dpdm.diffusion.noise_levels import LogNormalSigma, LogSNRCosine, VELogUniform, VPUniformT, check_compatible
+from dpdm.diffusion.preconditioning import (
+    Denoiser,
+    EDMPreconditioning,
+    VEPreconditioning,
+    VPPreconditioning,
+    VPredictionPreconditioning,
+)
 from dpdm.diffusion.schedules import vp_sigma, vp_sigma_inv
 
 F64 = torch.float64

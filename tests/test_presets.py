@@ -12,9 +12,8 @@ from omegaconf import OmegaConf
 
 from dpdm.data import DATASETS, DatasetMissingError, load_split, prepare
 from tests.fixtures_celeba import celeba_file_list, write_fake_celeba
-from tests.helpers import compose_config
+from tests.helpers import REPO, compose_config
 
-REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 DATA_DIR = os.environ.get("DPDM_DATA_DIR") or str(REPO / "data")
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -34,14 +33,7 @@ PAPER = {f"{d}_eps{e}": (d, e) for d in ("mnist", "fmnist") for e in ("0.2", "1"
 PAPER.update({f"celeba32_eps{e}": ("celeba32", e) for e in ("1", "10")})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The shrunk runs use tiny tensors: on a shared 2-core CPU, intra-op threads only add
-    synchronization (a shrunk run takes ~3x longer with 2 threads than with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +113,7 @@ def test_an_unconditional_model_trains_and_samples(tmp_path):
 @pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("denoiser", DENOISERS)
 def test_denoiser_noise_combinations_compose(denoiser, noise):
-    from dpdm.cli.train import build_diffusion
+    from dpdm.training.builder import build_diffusion
 
     cfg = _compose("train", [f"denoiser={denoiser}", f"noise={noise}", "output_dir=unused"])
     precond, dist = build_diffusion(cfg)  # every shipped pair is valid
@@ -130,7 +122,7 @@ def test_denoiser_noise_combinations_compose(denoiser, noise):
 
 
 def test_an_invalid_combination_is_refused_at_config_time():
-    from dpdm.cli.train import build_diffusion
+    from dpdm.training.builder import build_diffusion
 
     cfg = _compose("train", ["denoiser=vp", "noise=edm_lognormal", "noise.log_sigma_shift=3",
                              "output_dir=unused"])

@@ -3,27 +3,23 @@ from its checkpoint's accountant history against privacy.json."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from dpdm.privacy.accounting import calibrate_noise_multiplier, epsilon_spent
 from dpdm.training.privacy_plan import make_privacy_plan
-from tests.helpers import run_cli
+from tests.helpers import REPO, cli_env, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SHRINK = ["experiment=smoke", "data.subset_size=200", "data.batch_size=100", "trainer.max_epochs=1",
           "max_physical_batch_size=64", "callbacks.sample_grid.per_class=2",
           "callbacks.sample_grid.num_steps=3"]
 
 
 def _env():
-    return dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(REPO / "data"))
+    return cli_env()
 
 
 def cli_subprocess(*args):

@@ -1,6 +1,6 @@
 """The training progress bar shows noised images/s, ε spent so far (from the accountant) and the run's ETA."""
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 

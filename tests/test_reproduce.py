@@ -6,28 +6,27 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dpdm.experiments.paper import HEADLINE
-from dpdm.experiments.reproduce import (BENCHMARK_FILE, H200_REFERENCE_IMAGES_PER_S, RECIPES, format_duration,
-                                        run_cost, stored_throughput)
+from dpdm.experiments.reproduce import (
+    BENCHMARK_FILE,
+    H200_REFERENCE_IMAGES_PER_S,
+    RECIPES,
+    format_duration,
+    run_cost,
+    stored_throughput,
+)
 from dpdm.experiments.sweeps import NO_INCEPTION
-from tests.helpers import compose_config
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from tests.helpers import BIN, REPO, cli_env, compose_config
 
 
 def _env(tmp: Path, **extra):
     # No GPU (even on a GPU machine: the test must not start a days-long run), no Inception weights
     # (TORCH_HOME is empty), wandb off.
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCH_HOME=str(tmp / "torch_home"), WANDB_MODE="disabled",
-               DPDM_DATA_DIR=str(REPO / "data"))
-    env.update(extra)
-    return env
+    return {**cli_env(CUDA_VISIBLE_DEVICES="", TORCH_HOME=str(tmp / "torch_home")), **extra}
 
 
 def test_make_reproduce_mnist_refuses_without_a_gpu_with_the_estimate(tmp_path):

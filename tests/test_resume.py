@@ -6,26 +6,21 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import BIN, REPO, cli_env, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 # 40 examples, B = 10: 4 DP-SGD steps per epoch, 8 in all; tiny, so the test stays fast on a busy CPU.
-SHRINK = ["experiment=smoke", "data.subset_size=40", "data.batch_size=10", "trainer.max_epochs=2",
-          "max_physical_batch_size=64", "callbacks.sample_grid.per_class=1",
-          "callbacks.sample_grid.num_steps=2", "privacy.noise_seed=123", "data.sampler_seed=5", "seed=0"]
+SHRINK = ["experiment=smoke", "debug=tiny", "trainer.max_epochs=2", "privacy.noise_seed=123", "data.sampler_seed=5",
+          "seed=0"]
 TOTAL_STEPS = 8
 
 
 def _env():
-    return dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(REPO / "data"))
+    return cli_env()
 
 
 def _train(*extra, timeout=600):

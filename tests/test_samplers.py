@@ -14,9 +14,17 @@ import torch
 from scipy import stats
 
 from dpdm.diffusion.preconditioning import VPPreconditioning
-from dpdm.diffusion.samplers import (SAMPLERS, ancestral_sigmas, ddim_sampler, edm_heun_sampler,
-                                     guided, karras_sigmas, latents_from_seeds, run_sampler,
-                                     stochastic_ddim_sampler)
+from dpdm.diffusion.samplers import (
+    SAMPLERS,
+    ancestral_sigmas,
+    ddim_sampler,
+    edm_heun_sampler,
+    guided,
+    karras_sigmas,
+    latents_from_seeds,
+    run_sampler,
+    stochastic_ddim_sampler,
+)
 from dpdm.diffusion.seeded_noise import seeded_normal
 from tests.helpers import tiny_denoiser
 
@@ -54,7 +62,7 @@ def target_stats(pi=PI, mu=MU, s=S):
     d = mu - mean
     var = float((pi * (s**2 + d**2)).sum())
     mu4 = float((pi * (d**4 + 6 * d**2 * s**2 + 3 * s**4)).sum())
-    frac = float(sum(p * stats.norm.cdf(THRESHOLD, m, sd) for p, m, sd in zip(pi, mu, s)))
+    frac = float(sum(p * stats.norm.cdf(THRESHOLD, m, sd) for p, m, sd in zip(pi, mu, s, strict=True)))
     se = {"mean": math.sqrt(var / N), "var": math.sqrt((mu4 - var**2) / N),
           "frac": math.sqrt(frac * (1 - frac) / N)}
     return {"mean": mean, "var": var, "frac": frac}, se
@@ -69,14 +77,7 @@ def within_tolerance(got, want, se, k=5.0):
     return {key: abs(got[key] - want[key]) <= k * se[key] for key in want}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny (N×1): intra-op threads only add synchronization, which on a loaded
-    shared CPU makes each transcendental op ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from dpdm.diffusion.inference import prepare_for_sampling
 from dpdm.diffusion.samplers import latents_from_seeds, run_sampler
-from tests.helpers import tiny_denoiser
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, tiny_denoiser
 
 
 def _samples(den, compile=False):

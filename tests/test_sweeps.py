@@ -1,23 +1,19 @@
 """Hydra multirun sweeps over ε and K: one run dir and one (offline) wandb run per job, grouped by sweep;
 dpdm-report's table and CSV; the launcher configs (basic, joblib, SLURM via submitit).
 
-The sweep is the documented command (`dpdm-train -m experiment=smoke privacy.epsilon=... 
+The sweep is the documented command (`dpdm-train -m experiment=smoke privacy.epsilon=...
 loss.noise_multiplicity=...`) on the smoke preset shrunk further (64 examples, 2 DP-SGD steps per job,
 a tiny network), through the real console scripts.
 """
 import csv
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from dpdm.privacy.accounting import epsilon_spent
-from tests.helpers import compose_config
+from tests.helpers import BIN, REPO, compose_config
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TINY = ["experiment=smoke", "data.subset_size=64", "data.batch_size=32", "trainer.max_epochs=1",
         "max_physical_batch_size=64", "net.model_channels=8", "net.channel_mult=[1]", "net.num_blocks=1",
         "net.attn_resolutions=[]", "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.num_steps=2"]

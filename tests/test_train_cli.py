@@ -4,9 +4,7 @@ Checks the run directory's files and that privacy.json's ε is what the accounta
 mechanism (σ, q) and the number of steps that actually ran.
 """
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +12,14 @@ import pytest
 import torch
 
 from dpdm.privacy.accounting import epsilon_spent
-from tests.helpers import run_cli
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SHRINK = ["experiment=smoke", "data.subset_size=400", "data.batch_size=100", "trainer.max_epochs=2",
-          "max_physical_batch_size=64", "callbacks.sample_grid.per_class=2",
-          "callbacks.sample_grid.num_steps=3"]
-
+from tests.helpers import BIN, REPO, SHRINK, cli_env, run_cli
 
 # The run's own sampler (a preset's choice), which dpdm-sample uses unless told otherwise.
 RUN_SAMPLER = ["sampler.num_steps=2", "sampler.guidance=1.5", "sampler.sigma_min=0.05"]
 
 
 def _subprocess(args, cwd=REPO):
-    env = dict(os.environ, WANDB_MODE="disabled", DPDM_DATA_DIR=str(REPO / "data"))
+    env = cli_env()
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -147,7 +147,7 @@ def test_opacus_per_sample_grads_match_microbatches(num_classes):
         lab = None if labels is None else labels[i : i + 1]
         out = reference(x[i : i + 1], noise[i : i + 1], lab)
         per_sample_loss(out, target[i : i + 1]).sum().backward()
-        for (name, p), ref in zip(net.named_parameters(), reference.parameters()):
+        for (name, p), ref in zip(net.named_parameters(), reference.parameters(), strict=True):
             assert ref.grad is not None and ref.grad.abs().max() > 0, name
             err = (p.grad_sample[i] - ref.grad).abs().max().item()
             assert err < 1e-10, (name, err)

@@ -10,7 +10,7 @@ algorithm): for every v,
 
 So a run with v correct rejects "the mechanism is (ε, δ)-DP" at level β whenever that right-hand side is
 ≤ β; the largest such ε is the reported lower bound. The δ term is theirs, computed exactly (not a
-looser bound on it). This file only does the statistics; the canaries live in `dpdm.privacy.canaries`.
+looser bound on it). This file only does the statistics; the canaries live in `dpdm.audit.canaries`.
 """
 from __future__ import annotations
 

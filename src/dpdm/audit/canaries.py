@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dpdm.privacy.audit import AuditBound, bound_from_scores
+from dpdm.audit.bounds import AuditBound, bound_from_scores
 from dpdm.training.module import DPDiffusionModule
 from dpdm.utils.seeds import os_seed
 
@@ -90,7 +90,7 @@ class CanaryAuditModule(DPDiffusionModule):
         params = self._params()
         n_real = next((p.grad_sample.shape[0] for p in params
                        if getattr(p, "grad_sample", None) is not None), 0)
-        for p, (ids, offsets) in zip(params, self._canary_layout()):
+        for p, (ids, offsets) in zip(params, self._canary_layout(), strict=True):
             gs = getattr(p, "grad_sample", None)
             if gs is None:
                 # A parameter the chunk did not reach has a zero per-example gradient for every example.
@@ -105,7 +105,7 @@ class CanaryAuditModule(DPDiffusionModule):
     def after_dp_step(self) -> None:
         scale = float(self.dp.optimizer.expected_batch_size)  # undo Opacus' division by it
         kw = dict(q=self.plan.sample_rate, sigma=self.plan.noise_multiplier, C=self.plan.max_grad_norm)
-        for p, (ids, offsets) in zip(self._params(), self._canary_layout()):
+        for p, (ids, offsets) in zip(self._params(), self._canary_layout(), strict=True):
             if len(ids):
                 o = p.grad.detach().flatten()[offsets.to(p.grad.device)].double().cpu() * scale
                 self.canary_scores[ids] += o

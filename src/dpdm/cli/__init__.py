@@ -1,5 +1,4 @@
 """Command-line entry points (dpdm-train, dpdm-sample, dpdm-data)."""
-from pathlib import Path
+from dpdm.utils.configs import CONFIG_DIR
 
-# Configs live at the repository root (conf/), next to src/; dpdm is installed editable (make install).
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+__all__ = ["CONFIG_DIR"]

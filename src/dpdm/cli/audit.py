@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 def _real_images(args):
     import torch
 
-    from dpdm.data.acquire import load_split
+    from dpdm.data import load_split
 
     g = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
     if args.dataset == "random":  # the canaries are in gradient space: any valid images will do
@@ -68,7 +68,7 @@ def _real_images(args):
 
 
 def _canary(args) -> int:
-    from dpdm.privacy.canaries import CanaryAuditConfig, run_canary_audit
+    from dpdm.audit.canaries import CanaryAuditConfig, run_canary_audit
 
     if args.canaries < 4:
         raise ValueError(f"--canaries must be at least 4, got {args.canaries}")
@@ -109,7 +109,7 @@ def _canary(args) -> int:
 def _memorization(args) -> int:
     import torch
 
-    from dpdm.data.acquire import load_split
+    from dpdm.data import load_split
     from dpdm.evaluation.memorization import memorization_report
     from dpdm.evaluation.synthetic import samples_from_npz
     from dpdm.utils.jsonio import write_json_atomic

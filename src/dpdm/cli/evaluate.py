@@ -10,7 +10,6 @@ conf/evaluate.yaml.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import time
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpdm.cli import CONFIG_DIR
 from dpdm.cli.errors import exit_on_user_error
+from dpdm.utils.files import atomic_path
 
 log = logging.getLogger("dpdm.evaluate")
 
@@ -55,16 +55,21 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
     import torch
 
     from dpdm.cli.sample import draw_samples
-    from dpdm.evaluation import draw_synthetic_set
     from dpdm.diffusion.inference import prepare_for_sampling
-    from dpdm.training.checkpoint import (checkpoint_dataset, load_checkpoint, load_ema_denoiser, sampler_for,
-                                          sampler_overridden)
+    from dpdm.evaluation import draw_synthetic_set
+    from dpdm.training.checkpoint import (
+        checkpoint_dataset,
+        load_checkpoint,
+        load_ema_denoiser,
+        sampler_for,
+        sampler_overridden,
+    )
 
     ckpt = load_checkpoint(path)
     denoiser = prepare_for_sampling(load_ema_denoiser(ckpt), device, channels_last=cfg.channels_last,
                                     compile=cfg.compile)
     net = denoiser.net
-    shape = (net.in_channels, net.img_resolution, net.img_resolution)
+    shape = denoiser.image_shape
     num_classes = int(getattr(net, "num_classes", 0) or 0)
     # The downstream protocol's model-selection set is drawn on top of num_samples, so the
     # classifiers train on exactly num_samples (the paper: 60,000).
@@ -87,9 +92,8 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
     if cfg.save_samples:
         x = samples.images if val is None else torch.cat([samples.images, val.images])
         y = samples.labels if val is None else torch.cat([samples.labels, val.labels])
-        tmp = out / "eval_samples.tmp.npz"
-        np.savez_compressed(tmp, x=x.numpy(), y=y.numpy(), dataset=np.array(dataset or ""))
-        os.replace(tmp, out / "eval_samples.npz")
+        with atomic_path(out / "eval_samples.npz", suffix=".npz") as tmp:
+            np.savez_compressed(tmp, x=x.numpy(), y=y.numpy(), dataset=np.array(dataset or ""))
     meta = {"sampler": sampler, "seed": int(cfg.seed),
             "privacy": _privacy_of(ckpt)}
     return samples, val, dataset, meta

@@ -18,8 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dpdm.cli.errors import exit_on_user_error
-from dpdm.privacy.accounting import (ACCOUNTANTS, calibrate_noise_multiplier, epsilon_from_history,
-                                     epsilon_spent, steps_in_history)
+from dpdm.privacy.accounting import (
+    ACCOUNTANTS,
+    calibrate_noise_multiplier,
+    epsilon_from_history,
+    epsilon_spent,
+    steps_in_history,
+)
 from dpdm.training.privacy_plan import make_privacy_plan, steps_per_epoch
 
 # ε in privacy.json and the recomputation run the same accountant on the same history.

@@ -23,10 +23,23 @@ import time
 from pathlib import Path
 
 from dpdm.cli.errors import exit_on_user_error
-from dpdm.experiments.reproduce import (H200_REFERENCE_IMAGES_PER_S, H200_REFERENCE_SOURCE, RECIPES, Recipe,
-                                        format_duration, hardware, load_state, render_results, run_cost,
-                                        run_dir, save_state, stage_done, stages, stored_throughput,
-                                        throughput_source)
+from dpdm.experiments.reproduce import (
+    H200_REFERENCE_IMAGES_PER_S,
+    H200_REFERENCE_SOURCE,
+    RECIPES,
+    Recipe,
+    format_duration,
+    hardware,
+    load_state,
+    render_results,
+    run_cost,
+    run_dir,
+    save_state,
+    stage_done,
+    stages,
+    stored_throughput,
+    throughput_source,
+)
 
 EXIT_REFUSED = 2
 
@@ -53,9 +66,9 @@ def estimate(recipe: Recipe, runs, *, measure: bool, measure_steps: int, measure
              data_dir: str | None) -> tuple[list[dict], dict | None]:
     """The recipe's noised images per run, and a CPU throughput: a stored benchmark figure of this kind of
     device, or (measure=True, or none stored) a few real DP-SGD steps measured now."""
-    from dpdm.experiments.throughput import device_description
-
     import torch
+
+    from dpdm.experiments.throughput import device_description
 
     costs = [run_cost(r) for r in runs]
     device = device_description(torch.device("cpu"))

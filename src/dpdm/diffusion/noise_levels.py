@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dpdm.diffusion.schedules import (cosine_sigma, cosine_sigma_inv, logsnr_to_sigma, vp_sigma,
-                                      vp_sigma_inv)
+from dpdm.diffusion.schedules import cosine_sigma, cosine_sigma_inv, logsnr_to_sigma, vp_sigma, vp_sigma_inv
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,11 @@ class Denoiser(nn.Module):
         self.precond = preconditioning
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images this denoiser draws."""
+        return (self.net.in_channels, self.net.img_resolution, self.net.img_resolution)
+
+    @property
     def null_label(self) -> int | None:
         """The "no label" token of a class-conditional net; None for an unconditional one."""
         if getattr(self.net, "num_classes", None) == 0:

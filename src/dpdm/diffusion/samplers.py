@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -43,6 +43,17 @@ def latents_from_seeds(seeds: Sequence[int], shape: Sequence[int], *, device=Non
         g = torch.Generator(device="cpu").manual_seed(int(s))
         out.append(torch.randn(tuple(shape), generator=g, dtype=torch.float64))
     return torch.stack(out).to(device)
+
+
+def sample_from_seeds(denoiser, seeds: Sequence[int], *, sampler: dict, class_labels: Tensor | None = None,
+                      shape: Sequence[int] | None = None, device=None) -> Tensor:
+    """Images in [-1, 1], image i from the latent and sampling noise of seeds[i] alone: the same image in
+    any batch. `sampler` is a `sampler=` config as a dict; `shape` defaults to the denoiser's."""
+    seeds = [int(s) for s in seeds]
+    latents = latents_from_seeds(seeds, shape or denoiser.image_shape, device=device)
+    if class_labels is not None:
+        class_labels = class_labels.to(device)
+    return run_sampler(denoiser, latents, class_labels=class_labels, noise_seeds=seeds, **sampler)
 
 
 def guided(denoiser: Callable, x: Tensor, sigma: Tensor, class_labels: Tensor | None,

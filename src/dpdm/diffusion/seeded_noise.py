@@ -15,7 +15,7 @@ int64, so it never relies on signed overflow.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -4,14 +4,31 @@ Plus two offline diagnostics in the feature space of a CNN trained on real data:
 (a Fréchet distance, *not* FID) and the real CNN's accuracy on the synthetic samples.
 See docs/evaluation.md for the protocol and every metric name.
 """
-from dpdm.evaluation.downstream import (ClassifierResult, LabeledImages, TrainSettings, accuracy,
-                                        evaluate_downstream, split_held_out, train_classifier)
+from dpdm.evaluation.downstream import (
+                                        ClassifierResult,
+                                        LabeledImages,
+                                        TrainSettings,
+                                        accuracy,
+                                        evaluate_downstream,
+                                        split_held_out,
+                                        train_classifier,
+)
 from dpdm.evaluation.frechet import FeatureStats, FrechetDistance, cached_feature_stats
 from dpdm.evaluation.inception import FIDUnavailable, inception_frechet_distance, resolve_inception_weights
-from dpdm.evaluation.protocol import (METRIC_GROUPS, DownstreamSettings, EvalReport, EvalSettings, Evaluator,
-                                      FIDSettings, metric_key)
-from dpdm.evaluation.real_classifier import (RealClassifierSettings, classifier_frechet_distance,
-                                             load_or_train_real_classifier)
+from dpdm.evaluation.protocol import (
+                                        METRIC_GROUPS,
+                                        DownstreamSettings,
+                                        EvalReport,
+                                        EvalSettings,
+                                        Evaluator,
+                                        FIDSettings,
+                                        metric_key,
+)
+from dpdm.evaluation.real_classifier import (
+                                        RealClassifierSettings,
+                                        classifier_frechet_distance,
+                                        load_or_train_real_classifier,
+)
 from dpdm.evaluation.synthetic import draw_synthetic_set, samples_from_npz
 
 __all__ = [

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dpdm.nets.classifiers import make_classifier
+from dpdm.utils.images import from_uint8
 
 __all__ = [
     "ClassifierResult",
@@ -86,7 +87,7 @@ class ClassifierResult:
 
 def to_model_input(images: torch.Tensor, *, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 [0, 255] → float32 [-1, 1], the scaling the classifiers are trained with."""
-    return images.to(device=device, dtype=torch.float32).div_(127.5).sub_(1.0)
+    return from_uint8(images, device=device)
 
 
 def class_counts(labels: torch.Tensor, *, num_classes: int) -> list[int]:

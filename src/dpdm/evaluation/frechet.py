@@ -10,8 +10,6 @@ results to recomputing it.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
+
+from dpdm.utils.files import atomic_path
 
 __all__ = ["FeatureStats", "FrechetDistance", "cached_feature_stats"]
 
@@ -44,18 +44,10 @@ class FeatureStats:
 
     def save(self, path: str | Path, **meta: str) -> None:
         """Atomic npz write; `meta` strings (extractor identity, split) are stored alongside."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=".npz") as tmp:
             np.savez(tmp, feature_sum=self.feature_sum.cpu().numpy(), outer_sum=self.outer_sum.cpu().numpy(),
                      num_samples=np.int64(self.num_samples),
                      **{f"meta_{k}": np.array(str(v)) for k, v in meta.items()})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from dpdm.utils.checksums import sha256_file
 from dpdm.evaluation.frechet import FrechetDistance
+from dpdm.utils.checksums import sha256_file
 
 __all__ = [
     "FIDUnavailable",

@@ -15,14 +15,28 @@ from typing import Any
 
 import torch
 
-from dpdm.utils.checksums import sha256_file
-from dpdm.evaluation.downstream import (LabeledImages, TrainSettings, accuracy, class_counts,
-                                        evaluate_downstream, split_held_out)
+from dpdm.evaluation.downstream import (
+    LabeledImages,
+    TrainSettings,
+    accuracy,
+    class_counts,
+    evaluate_downstream,
+    split_held_out,
+)
 from dpdm.evaluation.frechet import FeatureStats, FrechetDistance, cached_feature_stats
-from dpdm.evaluation.inception import (INCEPTION_SHA256, FIDUnavailable, inception_frechet_distance,
-                                       resolve_inception_weights)
-from dpdm.evaluation.real_classifier import (RealClassifier, RealClassifierSettings,
-                                             classifier_frechet_distance, load_or_train_real_classifier)
+from dpdm.evaluation.inception import (
+    INCEPTION_SHA256,
+    FIDUnavailable,
+    inception_frechet_distance,
+    resolve_inception_weights,
+)
+from dpdm.evaluation.real_classifier import (
+    RealClassifier,
+    RealClassifierSettings,
+    classifier_frechet_distance,
+    load_or_train_real_classifier,
+)
+from dpdm.utils.checksums import sha256_file
 
 __all__ = ["METRIC_GROUPS", "DownstreamSettings", "EvalReport", "EvalSettings", "Evaluator", "FIDSettings",
            "metric_key", "private_data_metrics", "private_data_uses"]
@@ -150,7 +164,8 @@ class Evaluator:
         self.dataset, self.data_dir = dataset, data_dir
         self.info = dataset_info(dataset)
         self.settings, self.device = settings, torch.device(device)
-        self.cache_dir = Path(settings.cache_dir) if settings.cache_dir else dataset_dir(dataset, data_dir) / "eval_cache"
+        self.cache_dir = (Path(settings.cache_dir) if settings.cache_dir
+                          else dataset_dir(dataset, data_dir) / "eval_cache")
         self._real: dict[str, LabeledImages] = {}
         self._real_cnn: RealClassifier | None = None
         self._fd: dict[str, tuple[FrechetDistance, dict[str, FeatureStats], dict]] = {}

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,10 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpdm.utils.checksums import sha256_file
 from dpdm.evaluation.downstream import LabeledImages, TrainSettings, accuracy, to_model_input, train_classifier
 from dpdm.evaluation.frechet import FrechetDistance
 from dpdm.nets.classifiers import CNN
+from dpdm.utils.checksums import sha256_file
+from dpdm.utils.files import atomic_path
 
 __all__ = ["ClassifierFeatures", "RealClassifier", "RealClassifierSettings", "classifier_frechet_distance",
            "load_or_train_real_classifier"]
@@ -116,12 +115,5 @@ def load_or_train_real_classifier(*, dataset: str, train: LabeledImages, test: L
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

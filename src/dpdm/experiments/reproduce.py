@@ -21,6 +21,7 @@ import platform
 import shlex
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,6 @@ from dpdm.experiments.paper import headline
 from dpdm.experiments.sweeps import NO_INCEPTION, fid_note
 from dpdm.utils.jsonio import read_json, write_json_atomic
 
-REPO = Path(__file__).resolve().parents[3]
 ACC_SAMPLES = 70_000   # dpdm-evaluate splits off 10,000 (stratified) for model selection: 60,000 train
 FID_SAMPLES = 60_000   # FID against the 60,000 training images (the paper's reference set)
 ACC_METRICS = ("downstream", "fd_classifier", "real_cnn_on_synthetic")
@@ -38,7 +38,9 @@ FID_METRICS = ("fid", "fd_classifier")
 H200_REFERENCE_IMAGES_PER_S = 8000.0
 H200_REFERENCE_SOURCE = ("DESIGN.md's reference figure for the paper network under DP on one H200 "
                          "(stock Opacus hooks, 4096 noised images per forward); not measured by dpdm")
-BENCHMARK_FILE = REPO / "benchmarks" / "results" / "training_throughput.json"
+# The checkout's throughput records (benchmarks/training_throughput.py), relative to where dpdm-reproduce runs;
+# without them (an installed dpdm elsewhere) the cost estimate measures a few steps instead.
+BENCHMARK_FILE = Path("benchmarks") / "results" / "training_throughput.json"
 
 
 @dataclass(frozen=True)
@@ -74,11 +76,9 @@ RECIPES: dict[str, Recipe] = {
 
 # --shrink: the same stages on a tiny network, a few steps and samples, a small classifier budget. For
 # testing the code path end to end on a CPU; its numbers mean nothing.
-SHRINK_TRAIN = ["data.subset_size=128", "data.batch_size=64", "trainer.max_epochs=1",
-                "trainer.accelerator=cpu", "max_physical_batch_size=64", "net.model_channels=8",
-                "net.channel_mult=[1]", "net.num_blocks=1", "net.attn_resolutions=[]",
-                "loss.noise_multiplicity=2", "callbacks.sample_grid.per_class=1",
-                "callbacks.sample_grid.num_steps=2"]
+SHRINK_TRAIN = ["debug=tiny", "data.subset_size=128", "data.batch_size=64", "trainer.accelerator=cpu",
+                "net.model_channels=8", "net.channel_mult=[1]", "net.num_blocks=1", "net.attn_resolutions=[]",
+                "loss.noise_multiplicity=2"]
 SHRINK_ACC_SAMPLES, SHRINK_FID_SAMPLES = 60, 20
 SHRINK_SAMPLE = ["sampler.num_steps=2", "device=cpu"]
 SHRINK_EVAL = ["evaluation.reference_splits=[test]", "evaluation.real_classifier.num_train=1000",
@@ -139,14 +139,11 @@ def stages(run: RunSpec, runs_root: Path, *, shrink: bool = False, eval_cache: P
 
 def run_cost(run: RunSpec, *, overrides: list[str] | None = None) -> dict[str, Any]:
     """The privacy plan of a run as dpdm-train would make it, and its total noised images (steps × B × K)."""
-    from hydra import compose, initialize_config_dir
-
-    from dpdm.cli import CONFIG_DIR
     from dpdm.data import dataset_info
     from dpdm.training.privacy_plan import make_privacy_plan
+    from dpdm.utils.configs import compose
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", [f"experiment={run.experiment}", "output_dir=unused", *(overrides or [])])
+    cfg = compose("train", [f"experiment={run.experiment}", "output_dir=unused", *(overrides or [])])
     n = cfg.data.get("subset_size") or dataset_info(cfg.data.name).num_train
     p = cfg.privacy
     with warnings.catch_warnings():
@@ -198,7 +195,8 @@ def hardware() -> dict[str, Any]:
     from dpdm.experiments.throughput import cpu_model
 
     cpu = cpu_model()
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
     return {"gpus": gpus, "cpu": cpu, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version()}
 
@@ -265,17 +263,16 @@ def _results_table(rows: list[dict], dataset: str) -> list[str]:
     for r in rows:
         spec, paper = r["spec"], headline(dataset, r["spec"].epsilon) or {}
         eps = (r["privacy"] or {}).get("epsilon")
-
-        def ours(key):
-            if r["acc"] is None:
-                return "not run"
-            return _pct(r["acc"], key) or "–"
-
+        ours = partial(_ours, r["acc"])
         lines.append("| " + " | ".join([
             f"{spec.epsilon:g} (`{spec.experiment}`)", status_of(r), "" if eps is None else f"{eps:.4g}",
             fid_cell(r["fid"]), _paper(paper, "fid"), ours("eval/acc_logreg"), _paper(paper, "logreg"),
             ours("eval/acc_mlp"), _paper(paper, "mlp"), ours("eval/acc_cnn"), _paper(paper, "cnn")]) + " |")
     return lines
+
+
+def _ours(acc: dict | None, key: str) -> str:
+    return "not run" if acc is None else (_pct(acc, key) or "–")
 
 
 def _paper(paper: dict, key: str) -> str:
@@ -284,7 +281,8 @@ def _paper(paper: dict, key: str) -> str:
 
 
 def _diagnostics(rows: list[dict]) -> list[str]:
-    lines = ["| run | fd_classifier (accuracy samples) | fd_classifier (FID samples) | real-data CNN accuracy on samples (%) |",
+    lines = ["| run | fd_classifier (accuracy samples) | fd_classifier (FID samples) | "
+             "real-data CNN accuracy on samples (%) |",
              "|---|---|---|---|"]
     for r in rows:
         def fd(res):
@@ -402,7 +400,8 @@ def render_results(recipe: Recipe, runs_root: Path, *, shrink: bool = False, thr
     for r in everything:
         p = r["privacy"]
         if p:
-            lines.append(f"| `{r['spec'].experiment}` | {p['target_epsilon']:g} | {p['epsilon']:.4g} | {p['delta']:g} | "
+            lines.append(f"| `{r['spec'].experiment}` | {p['target_epsilon']:g} | {p['epsilon']:.4g} | "
+                         f"{p['delta']:g} | "
                          f"{p['noise_multiplier']:.4g} | {p['sample_rate']:.4g} | {p['steps']} | "
                          f"{p['noise_multiplicity']} | {p['accountant']} |")
         else:

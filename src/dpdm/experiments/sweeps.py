@@ -3,7 +3,8 @@
 Everything is read from files every run writes, so the table needs no wandb:
 `.hydra/overrides.yaml` (the job's command-line overrides), `privacy.json` (ε target and spent, δ, σ,
 K, steps), `summary.json` (final loss, wall time; its absence means the job did not finish),
-`csv/metrics.csv` (the last nonprivate/train_loss if summary.json has none; only logged on request), and evaluation results if any:
+`csv/metrics.csv` (the last nonprivate/train_loss if summary.json has none; only logged on request), and
+evaluation results if any:
 `eval/*_final.json` (callbacks=eval) and `eval.json` files below the run dir (dpdm-evaluate).
 """
 from __future__ import annotations
@@ -192,7 +193,8 @@ def _fmt(value, digits=4) -> str:
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     """The table a person reads: swept overrides, privacy, training and (if evaluated) the metrics."""
     evaluated = any(r["eval_files"] for r in rows)
-    head = ["job", "status", "overrides", "ε target", "ε spent", "K", "steps", "final loss (non-private)", "wall time (s)"]
+    head = ["job", "status", "overrides", "ε target", "ε spent", "K", "steps", "final loss (non-private)",
+            "wall time (s)"]
     if evaluated:
         head += ["LogReg %", "MLP %", "CNN %", "FID", "fd_classifier"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

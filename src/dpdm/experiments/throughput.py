@@ -1,7 +1,7 @@
 """Measure DP-SGD training throughput (noised images per second) with a few real steps of a preset.
 
 The steps are dpdm-train's own: the preset's network, denoiser, noise levels and K, built by
-`dpdm.cli.train.build_module` and stepped by Lightning through `DPDiffusionModule.training_step`
+`dpdm.training.builder.build_module` and stepped by Lightning through `DPDiffusionModule.training_step`
 (per-example gradients, clipping, noise, accountant, EMA). Only the batch is made small, so that a
 measurement takes seconds on a CPU; the first steps are warm-up and not timed.
 """
@@ -53,21 +53,19 @@ def measure_training_throughput(experiment: str, *, examples: int = 4, steps: in
                                 overrides: list[str] | None = None) -> Throughput:
     """Run `warmup + steps` real DP-SGD steps of `experiment=<experiment>` with `examples` examples per
     (expected) batch and time the last `steps`. The preset's K and network are kept."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from dpdm.cli import CONFIG_DIR
-    from dpdm.cli.train import build_module
+    from dpdm.training.builder import build_module
+    from dpdm.utils.configs import compose
 
     if examples < 1 or steps < 1 or warmup < 0:
         raise ValueError("examples and steps must be >= 1 and warmup >= 0")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     extra = [f"data.data_dir={data_dir}"] if data_dir else []
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", [f"experiment={experiment}", "output_dir=unused", f"data.batch_size={examples}",
-                                f"max_physical_batch_size={max(examples * 4, 1)}", "logger=none",
-                                *extra, *(overrides or [])])
+    cfg = compose("train", [f"experiment={experiment}", "output_dir=unused", f"data.batch_size={examples}",
+                            f"max_physical_batch_size={max(examples * 4, 1)}", "logger=none",
+                            *extra, *(overrides or [])])
     OmegaConf.resolve(cfg)  # as dpdm-train does: the data config interpolates privacy.enabled
     dm = instantiate(cfg.data)
     dm.setup("fit")

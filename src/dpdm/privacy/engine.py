@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus.accountants import IAccountant, create_accountant
-from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.validators import ModuleValidator
 from torch import nn
 
@@ -104,8 +104,9 @@ def make_dp_components(module: nn.Module, optimizer: torch.optim.Optimizer, *,
     # each rank divides by the per-rank expected batch size B/W, and the all-reduce averages over the W
     # ranks: the update is (Σ clipped gradients of all ranks + one N(0, σ²C²)) / B, as in one process.
     world_size = _world_size()
-    opt_cls, per_rank_batch = ((DistributedDPOptimizer, expected_batch_size / world_size)
-                               if world_size > 1 else (DPOptimizer, expected_batch_size))
+    # Flat clipping (one norm over all parameters, as in the paper); Opacus picks the class.
+    opt_cls = get_optimizer_class(clipping="flat", distributed=world_size > 1, grad_sample_mode="hooks")
+    per_rank_batch = expected_batch_size / world_size if world_size > 1 else expected_batch_size
     dp_opt = opt_cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                      expected_batch_size=per_rank_batch, loss_reduction="mean",
                      generator=gen, secure_mode=secure_mode)

@@ -10,8 +10,8 @@ the quantity DP-SGD clips (DPDM, Sec. 3.2).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 from opacus.grad_sample.grad_sample_module import GradSampleHooks

@@ -118,7 +118,7 @@ class PerExampleGradients:
         for p in self.module.parameters():
             if p.requires_grad:
                 p.grad_sample = None
-        for rec, g in zip(records, grads):
+        for rec, g in zip(records, grads, strict=True):
             if rec.activation.shape[0] != B * self.noise_multiplicity:
                 raise RuntimeError(
                     f"{type(rec.module).__name__} saw {rec.activation.shape[0]} rows, not B·K = "

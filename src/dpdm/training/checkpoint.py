@@ -68,8 +68,8 @@ def sampler_for(ckpt: dict, configured, overridden: bool, log=None) -> dict:
     if overridden or not stored:
         return dict(to_plain(configured))
     if log is not None:
-        log("sampling with the training run's sampler (%s); pass sampler=... or sampler.<key>=... to change it"
-            % ", ".join(f"{k}={v}" for k, v in stored.items() if k in ("name", "num_steps", "guidance", "sigma_min")))
+        shown = ", ".join(f"{k}={v}" for k, v in stored.items() if k in ("name", "num_steps", "guidance", "sigma_min"))
+        log(f"sampling with the training run's sampler ({shown}); pass sampler=... or sampler.<key>=... to change it")
     return dict(stored)
 
 

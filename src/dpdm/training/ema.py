@@ -21,7 +21,7 @@ def ema_rate_at(step: int, rate: float, warmup: bool) -> float:
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, rate: float) -> None:
     """θ_ema ← rate·θ_ema + (1 − rate)·θ."""
-    for pe, p in zip(ema.parameters(), model.parameters()):
+    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
         pe.lerp_(p.detach(), 1.0 - rate)
-    for be, b in zip(ema.buffers(), model.buffers()):
+    for be, b in zip(ema.buffers(), model.buffers(), strict=True):
         be.copy_(b)

@@ -19,8 +19,8 @@ import torch
 from dpdm.evaluation import EvalSettings, Evaluator, draw_synthetic_set
 from dpdm.evaluation.protocol import private_data_metrics, private_data_uses
 from dpdm.utils.configs import to_plain
-from dpdm.utils.jsonio import write_json_atomic
 from dpdm.utils.images import to_uint8
+from dpdm.utils.jsonio import write_json_atomic
 
 __all__ = ["SyntheticDataEvaluation"]
 

@@ -13,8 +13,9 @@ dpdm-sample and dpdm-evaluate read an export wherever they read a checkpoint.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from dpdm.utils.files import atomic_path
 
 FORMAT = "dpdm-export-v1"
 EMA_PREFIX = "ema."
@@ -50,11 +51,8 @@ def export_checkpoint(ckpt: dict, out: Path) -> dict:
     record = privacy_record(ckpt)
     meta = {"format": FORMAT, "build_config": json.dumps(ckpt["dpdm"]["build_config"], sort_keys=True),
             "privacy": json.dumps(record, sort_keys=True)}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(ema, str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(ema, str(tmp), metadata=meta)
     return record
 
 

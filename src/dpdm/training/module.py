@@ -17,7 +17,7 @@ from torch import nn
 from dpdm.diffusion.loss import denoising_loss_per_example, draw_training_noise
 from dpdm.diffusion.noise_levels import LogNormalSigma
 from dpdm.diffusion.preconditioning import Denoiser, EDMPreconditioning
-from dpdm.diffusion.samplers import latents_from_seeds, run_sampler
+from dpdm.diffusion.samplers import sample_from_seeds
 from dpdm.privacy.accounting import accountant_epsilon, steps_in_history
 from dpdm.privacy.engine import DPComponents, check_engine, make_dp_components
 from dpdm.privacy.noise_multiplicity import set_empty_grad_samples
@@ -199,7 +199,7 @@ class DPDiffusionModule(pl.LightningModule):
         return torch.autocast(self.device.type, enabled=False)
 
     # Extension points around the one real optimizer step of a logical batch, used by the privacy
-    # canary audit (dpdm.privacy.canaries): before it, p.grad_sample holds the last chunk's per-example gradients
+    # canary audit (dpdm.audit.canaries): before it, p.grad_sample holds the last chunk's per-example gradients
     # (clipping has not happened yet); after it, p.grad holds the privatized (clipped + noised) gradient.
     def before_dp_step(self) -> None:
         pass
@@ -228,17 +228,13 @@ class DPDiffusionModule(pl.LightningModule):
         """
         self.ema.eval()
         spec = {"name": "edm_heun", "num_steps": 18, **dict(sampler or {}), **overrides}
-        shape = shape or self.image_shape
-        latents = latents_from_seeds(seeds, shape, device=self.device)
-        if class_labels is not None:
-            class_labels = class_labels.to(self.device)
-        x = run_sampler(self.ema, latents, class_labels=class_labels, noise_seeds=seeds, **spec)
+        x = sample_from_seeds(self.ema, seeds, sampler=spec, class_labels=class_labels,
+                              shape=shape or self.image_shape, device=self.device)
         return x.clamp(-1, 1).float()
 
     @property
     def image_shape(self):
-        net = self.denoiser.net
-        return (net.in_channels, net.img_resolution, net.img_resolution)
+        return self.denoiser.image_shape
 
     # ---- privacy state is training state ---------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):

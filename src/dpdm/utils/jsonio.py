@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from dpdm.utils.files import atomic_path
 
 
 def read_json(path) -> dict | None:
@@ -17,10 +18,8 @@ def read_json(path) -> dict | None:
 
 
 def write_json_atomic(path, obj, *, sort_keys: bool = True) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, default=_jsonable) + "\n")
 
 
 def _jsonable(v):
