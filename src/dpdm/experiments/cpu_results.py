@@ -273,9 +273,10 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
         run_dir = runs_dir / study.name / variant / DP
         if not (run_dir / "summary.json").exists():
             continue
-        if report_only:
+        if report_only or (variants is not None and variant not in variants):
+            # Not (re)computed in this call: the page still shows the stored curve.
             curves[variant] = (read_json(run_dir / CURVE_FILE) or {}).get("points", [])
-        elif variants is None or variant in variants:
+        else:
             dataset = run_dataset(run_dir)
             if dataset not in evaluators:
                 evaluators[dataset] = Evaluator(dataset=dataset, settings=curve_settings(study.evaluation),
