@@ -89,11 +89,11 @@ def make_step(variant: str, den: Denoiser, *, B: int, K: int, device, precision:
            else nullcontext)
 
     gen = torch.Generator(device=device).manual_seed(1)
-    sigma_dist = LogNormalSigma()
+    noise_levels = LogNormalSigma()
     x = torch.rand((B, 1, 28, 28), generator=gen, device=device) * 2 - 1
     y = torch.randint(0, 10, (B,), generator=gen, device=device)
     adam = torch.optim.Adam(den.parameters(), lr=1e-4)
-    noise = lambda: draw_training_noise(x, y, noise_multiplicity=K, sigma_dist=sigma_dist,
+    noise = lambda: draw_training_noise(x, y, noise_multiplicity=K, noise_levels=noise_levels,
                                         label_dropout=0.1, null_label=den.null_label, generator=gen)
     dp_kw = dict(noise_multiplier=SIGMA, max_grad_norm=C, expected_batch_size=B, loss_reduction="mean",
                  generator=torch.Generator(device=device).manual_seed(2))

@@ -60,7 +60,7 @@ class KeyedNoiseModule(RecordingModule):
     def _chunk_loss(self, x, y):
         self.chunk_sizes.append(len(x))
         parts = [draw_training_noise(x[i:i + 1], y[i:i + 1], noise_multiplicity=self.K,
-                                     sigma_dist=self.sigma_dist, label_dropout=self.label_dropout,
+                                     noise_levels=self.noise_levels, label_dropout=self.label_dropout,
                                      null_label=self.denoiser.null_label,
                                      generator=torch.Generator().manual_seed(example_seed(x[i])))
                  for i in range(len(x))]

@@ -3,7 +3,7 @@ import dp_accounting
 import pytest
 from opacus.accountants.rdp import RDPAccountant
 
-from dpdm.privacy.accounting import RDP_ORDERS, calibrate_noise_multiplier, epsilon_spent, max_steps_within_budget
+from dpdm.privacy.accounting import RDP_ORDERS, calibrate_noise_multiplier, max_steps_within_budget, mechanism_epsilon
 from dpdm.training.privacy_plan import make_privacy_plan
 
 GRID = [(0.01, 1.0, 1000), (4096 / 60000, 2.5, 4200), (0.001, 0.8, 10000), (0.2, 5.0, 100),
@@ -19,7 +19,7 @@ def _event(q, sigma, steps):
 def test_rdp_matches_dp_accounting(q, sigma, steps):
     ref = dp_accounting.rdp.RdpAccountant(orders=RDP_ORDERS)
     ref.compose(_event(q, sigma, steps))
-    ours = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5)
+    ours = mechanism_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5)
     assert ours == pytest.approx(ref.get_epsilon(1e-5), rel=1e-3)
 
 
@@ -29,7 +29,7 @@ def test_wider_order_grid_tightens_small_epsilon():
     acc = RDPAccountant()
     acc.history = [(sigma, q, steps)]
     default_eps, default_order = acc.get_privacy_spent(delta=1e-5)
-    ours = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5)
+    ours = mechanism_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5)
     assert default_order == max(RDPAccountant.DEFAULT_ALPHAS)
     assert ours < default_eps * 0.97
 
@@ -38,12 +38,12 @@ def test_wider_order_grid_tightens_small_epsilon():
 def test_prv_matches_pld_accountant(q, sigma, steps):
     pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
     pld.compose(_event(q, sigma, steps))
-    ours = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5,
+    ours = mechanism_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5,
                          accountant="prv")
     # Two numerical "tight" accountants, each with its own discretization error bound.
     assert ours == pytest.approx(pld.get_epsilon(1e-5), rel=0.03)
     # And tight accounting never reports more than RDP's bound.
-    assert ours <= epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5)
+    assert ours <= mechanism_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5)
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -52,7 +52,7 @@ def test_calibrated_sigma_reproduces_epsilon_within_one_percent(eps, accountant)
     q, steps = 4096 / 60000, 14 * 20
     sigma = calibrate_noise_multiplier(target_epsilon=eps, delta=1e-5, sample_rate=q, steps=steps,
                                        accountant=accountant)
-    back = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5,
+    back = mechanism_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5,
                          accountant=accountant)
     assert back <= eps  # never over budget
     assert back >= 0.99 * eps  # and not wastefully noisy
@@ -61,7 +61,7 @@ def test_calibrated_sigma_reproduces_epsilon_within_one_percent(eps, accountant)
 
 def _bisection_sigma(eps, q, steps, accountant, rel_tol=1e-3):
     """Reference: plain bisection on σ ∈ (0, ∞), kept apart from the library's root search."""
-    at = lambda s: epsilon_spent(noise_multiplier=s, sample_rate=q, steps=steps, delta=1e-5,
+    at = lambda s: mechanism_epsilon(noise_multiplier=s, sample_rate=q, steps=steps, delta=1e-5,
                                  accountant=accountant)
     lo, hi = 0.0, 1.0
     while at(hi) > eps:
@@ -79,20 +79,20 @@ def test_calibration_agrees_with_bisection_in_few_accountant_calls(eps, q, steps
     import dpdm.privacy.accounting as accounting
 
     calls = []
-    real = accounting.epsilon_spent
-    monkeypatch.setattr(accounting, "epsilon_spent", lambda **kw: calls.append(kw) or real(**kw))
+    real = accounting.mechanism_epsilon
+    monkeypatch.setattr(accounting, "mechanism_epsilon", lambda **kw: calls.append(kw) or real(**kw))
     sigma = accounting.calibrate_noise_multiplier(target_epsilon=eps, delta=1e-5, sample_rate=q, steps=steps,
                                                   accountant=accountant)
     assert len(calls) <= 12  # bisection needs ~20-25: every dpdm-train start pays for this search
     monkeypatch.undo()
-    back = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5, accountant=accountant)
+    back = mechanism_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5, accountant=accountant)
     assert eps * (1 - 1e-3) <= back <= eps
     assert sigma == pytest.approx(_bisection_sigma(eps, q, steps, accountant), rel=2e-3)
 
 def test_max_steps_is_the_last_step_within_budget():
     kw = dict(noise_multiplier=1.0, sample_rate=0.01, delta=1e-5)
     T = max_steps_within_budget(target_epsilon=2.0, upper=10**5, **kw)
-    assert epsilon_spent(steps=T, **kw) <= 2.0 < epsilon_spent(steps=T + 1, **kw)
+    assert mechanism_epsilon(steps=T, **kw) <= 2.0 < mechanism_epsilon(steps=T + 1, **kw)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -111,7 +111,7 @@ def test_bad_privacy_config_is_refused(bad, match):
 
 def test_unknown_accountant_is_refused():
     with pytest.raises(ValueError, match="accountant"):
-        epsilon_spent(noise_multiplier=1.0, sample_rate=0.01, steps=10, delta=1e-5, accountant="gdp?")
+        mechanism_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=10, delta=1e-5, accountant="gdp?")
 
 
 def test_trainer_max_steps_shortens_the_plan_and_sigma_is_calibrated_for_it():
@@ -120,10 +120,11 @@ def test_trainer_max_steps_shortens_the_plan_and_sigma_is_calibrated_for_it():
     full, short = make_privacy_plan(**kw), make_privacy_plan(**kw, step_limit=350)
     assert full.planned_steps == 468 and short.planned_steps == short.max_steps == 350
     assert short.noise_multiplier < full.noise_multiplier
-    eps = epsilon_spent(noise_multiplier=short.noise_multiplier, sample_rate=short.sample_rate, steps=350,
+    eps = mechanism_epsilon(noise_multiplier=short.noise_multiplier, sample_rate=short.sample_rate, steps=350,
                         delta=1e-5)
     assert 9.9 < eps <= 10.0
     assert make_privacy_plan(**kw, step_limit=-1) == full            # Lightning's "no limit"
     assert make_privacy_plan(**kw, step_limit=10**6) == full         # more than the epochs allow
     with pytest.raises(ValueError, match="max_steps"):
         make_privacy_plan(**kw, step_limit=0)
+

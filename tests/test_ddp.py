@@ -34,7 +34,7 @@ from scipy import stats
 from torch.utils.data import Subset
 
 from dpdm.data.datamodule import ImageDataModule
-from dpdm.privacy.accounting import epsilon_spent
+from dpdm.privacy.accounting import mechanism_epsilon
 from dpdm.training.privacy_plan import make_privacy_plan
 from tests.ddp_worker import MAX_PHYSICAL, SIGMA, STEPS_DATA, STEPS_NOISE, C, E, N, fit, make_module
 from tests.helpers import BIN, REPO, cli_env, tiny_denoiser
@@ -133,7 +133,7 @@ def test_noise_is_added_once_per_logical_batch_with_std_sigma_C_over_B(ddp_run):
 
 
 def test_epsilon_is_the_single_process_epsilon(ddp_run):
-    expected = epsilon_spent(noise_multiplier=SIGMA, sample_rate=E / N, steps=len(STEPS_NOISE),
+    expected = mechanism_epsilon(noise_multiplier=SIGMA, sample_rate=E / N, steps=len(STEPS_NOISE),
                              delta=1e-5, accountant="rdp")
     for res in ddp_run:
         assert res["noise"]["history"] == [(SIGMA, E / N, len(STEPS_NOISE))]
@@ -240,7 +240,7 @@ def test_dpdm_train_trainer_ddp_two_processes_has_the_single_process_plan_and_ep
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert report["steps"] == summary["optimizer_steps"] == plan.planned_steps == 4
     assert report["epsilon"] == pytest.approx(
-        epsilon_spent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=4,
+        mechanism_epsilon(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=4,
                       delta=plan.delta, accountant="rdp"), rel=1e-12)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["dpdm"]["accountant"]["history"] == [(plan.noise_multiplier, plan.sample_rate, 4)]

@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 from dpdm.diffusion.loss import denoising_loss_per_example, draw_training_noise
 from dpdm.diffusion.noise_levels import LogNormalSigma
 from dpdm.privacy.engine import make_dp_components
-from dpdm.privacy.noise_multiplicity import set_empty_grad_samples
+from dpdm.privacy.grads_opacus import set_empty_grad_samples
 from dpdm.training.module import DPDiffusionModule
 from dpdm.training.privacy_plan import PrivacyPlan
 from tests.helpers import tiny_denoiser
@@ -89,7 +89,7 @@ def test_real_batch_noise_is_the_difference_to_the_sigma_zero_update(K):
     B = 5
     x = torch.rand((B, 1, 8, 8), generator=g, dtype=torch.float64) * 2 - 1
     y = torch.randint(0, 3, (B,), generator=g)
-    tn = draw_training_noise(x, y, noise_multiplicity=K, sigma_dist=LogNormalSigma(), label_dropout=0.1,
+    tn = draw_training_noise(x, y, noise_multiplicity=K, noise_levels=LogNormalSigma(), label_dropout=0.1,
                              null_label=den.null_label, generator=g)
     updates, norms = {}, None
     for sigma in (0.0, SIGMA):

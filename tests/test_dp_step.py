@@ -54,7 +54,7 @@ def test_update_is_mean_of_clipped_per_example_gradients(max_physical, engine):
     norms = []
     for start in range(0, 6, max_physical):
         xc, yc = x[start:start + max_physical], y[start:start + max_physical]
-        tn = draw_training_noise(xc, yc, noise_multiplicity=K, sigma_dist=module.sigma_dist,
+        tn = draw_training_noise(xc, yc, noise_multiplicity=K, noise_levels=module.noise_levels,
                                  label_dropout=0.3, null_label=3, generator=g)
         for i in range(len(xc)):
             sub = type(tn)(tn.sigma[i:i + 1], tn.noise[i:i + 1], tn.class_labels[i:i + 1])

@@ -62,10 +62,10 @@ def work(tmp_path_factory):
 def checkpoint(work):
     """A checkpoint as dpdm-train writes it (EMA weights + build config), for an untrained tiny net."""
     cfg = _compose("train", ["experiment=smoke", "net.model_channels=8"])
-    build = {k: OmegaConf.to_container(cfg[k], resolve=False) for k in ("net", "denoiser")}
+    build = {k: OmegaConf.to_container(cfg[k], resolve=False) for k in ("net", "preconditioning")}
     build["data"] = {"name": "mnist"}
     torch.manual_seed(0)
-    denoiser = Denoiser(instantiate(cfg.net), instantiate(cfg.denoiser))
+    denoiser = Denoiser(instantiate(cfg.net), instantiate(cfg.preconditioning))
     path = work / "tiny.ckpt"
     torch.save({"state_dict": {f"ema.{k}": v for k, v in denoiser.state_dict().items()},
                 "dpdm": {"build_config": build, "plan": {"enabled": False}}}, path)
@@ -243,13 +243,13 @@ def test_callbacks_eval_config_composes_with_the_defaults():
 def test_privacy_of_a_checkpoint_counts_the_steps_that_ran_not_the_plan():
     """A run stopped early spent less than planned: eval.json states the ε of the accountant's history."""
     from dpdm.cli.evaluate import _privacy_of
-    from dpdm.privacy.accounting import epsilon_spent
+    from dpdm.privacy.accounting import mechanism_epsilon
 
     plan = {"enabled": True, "noise_multiplier": 0.8, "sample_rate": 0.01, "delta": 1e-5, "accountant": "rdp",
             "planned_steps": 1000}
     ckpt = {"dpdm": {"plan": plan, "accountant": {"history": [[0.8, 0.01, 120], [0.8, 0.01, 30]]}}}
     got = _privacy_of(ckpt)
     assert got["steps"] == 150
-    assert got["epsilon"] == pytest.approx(epsilon_spent(noise_multiplier=0.8, sample_rate=0.01, steps=150,
+    assert got["epsilon"] == pytest.approx(mechanism_epsilon(noise_multiplier=0.8, sample_rate=0.01, steps=150,
                                                          delta=1e-5), rel=1e-12)
-    assert got["epsilon"] < epsilon_spent(noise_multiplier=0.8, sample_rate=0.01, steps=1000, delta=1e-5)
+    assert got["epsilon"] < mechanism_epsilon(noise_multiplier=0.8, sample_rate=0.01, steps=1000, delta=1e-5)

@@ -26,7 +26,7 @@ def test_per_example_grad_equals_bruteforce_of_k_averaged_loss(K, conditional, p
     g = torch.Generator().manual_seed(1)
     x = torch.rand((B, 1, 8, 8), generator=g, dtype=torch.float64) * 2 - 1
     y = torch.randint(0, 3, (B,), generator=g) if conditional else None
-    tn = draw_training_noise(x, y, noise_multiplicity=K, sigma_dist=LogNormalSigma(),
+    tn = draw_training_noise(x, y, noise_multiplicity=K, noise_levels=LogNormalSigma(),
                              label_dropout=0.3, null_label=den.null_label, generator=g)
 
     # Reference first, on the plain module (no hooks).
@@ -91,7 +91,7 @@ def test_bf16_autocast_gives_fp32_per_example_grads_close_to_fp32(engine):
     g = torch.Generator().manual_seed(0)
     x = torch.rand((B, 1, 8, 8), generator=g) * 2 - 1
     y = torch.randint(0, 3, (B,), generator=g)
-    tn = draw_training_noise(x, y, noise_multiplicity=K, sigma_dist=LogNormalSigma(), label_dropout=0.1,
+    tn = draw_training_noise(x, y, noise_multiplicity=K, noise_levels=LogNormalSigma(), label_dropout=0.1,
                              null_label=den.null_label, generator=g)
     eng = make_per_example_engine(den.net, noise_multiplicity=K, engine=engine)
     grads = {}

@@ -197,7 +197,7 @@ def test_compatible_pairs_pass_and_vp_refuses_noise_beyond_its_domain():
             check_compatible(p, d)
     for p in (EDMPreconditioning(), VEPreconditioning(), VPredictionPreconditioning()):
         check_compatible(p, LogNormalSigma(log_sigma_shift=5.0))
-    with pytest.raises(ValueError, match=r"VPPreconditioning.*noise.log_sigma_shift"):
+    with pytest.raises(ValueError, match=r"VPPreconditioning.*noise_levels.log_sigma_shift"):
         check_compatible(VPPreconditioning(), LogNormalSigma(log_sigma_shift=2.0))
     with pytest.raises(ValueError, match="outside"):
         check_compatible(VPPreconditioning(), VELogUniform(sigma_max=1000.0))

@@ -3,6 +3,7 @@ denoiser × noise combinations (invalid ones refused), and every sampler preset 
 """
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,8 +18,8 @@ from tests.helpers import REPO, compose_config
 CONF = REPO / "conf"
 DATA_DIR = os.environ.get("DPDM_DATA_DIR") or str(REPO / "data")
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-DENOISERS = sorted(p.stem for p in (CONF / "denoiser").glob("*.yaml"))
-NOISES = sorted(p.stem for p in (CONF / "noise").glob("*.yaml"))
+PRECONDITIONINGS = sorted(p.stem for p in (CONF / "preconditioning").glob("*.yaml"))
+NOISE_LEVELS = sorted(p.stem for p in (CONF / "noise_levels").glob("*.yaml"))
 SAMPLER_PRESETS = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
 
 SHRINK = ["+trainer.fast_dev_run=1", "trainer.accelerator=cpu", "trainer.max_epochs=1",
@@ -68,9 +69,9 @@ def _skip_reason(cfg) -> str | None:
 def test_paper_presets_hold_the_papers_settings(name):
     dataset, eps = PAPER[name]
     cfg = _compose("train", [f"experiment={name}", "output_dir=unused"])
-    den = cfg.denoiser._target_.rsplit(".", 1)[1]
+    den = cfg.preconditioning._target_.rsplit(".", 1)[1]
     assert den == ("VPredictionPreconditioning" if eps == "0.2" else "EDMPreconditioning")
-    noise = cfg.noise._target_.rsplit(".", 1)[1]
+    noise = cfg.noise_levels._target_.rsplit(".", 1)[1]
     assert noise == ("LogSNRCosine" if eps == "0.2" else "LogNormalSigma")
     assert cfg.privacy.epsilon == float(eps) and cfg.privacy.enabled
     assert cfg.privacy.max_grad_norm == 1.0 and cfg.privacy.accountant == "rdp"
@@ -110,24 +111,66 @@ def test_an_unconditional_model_trains_and_samples(tmp_path):
     assert run_training(cfg)["optimizer_steps"] == 1
 
 
-@pytest.mark.parametrize("noise", NOISES)
-@pytest.mark.parametrize("denoiser", DENOISERS)
-def test_denoiser_noise_combinations_compose(denoiser, noise):
-    from dpdm.training.builder import build_diffusion
+def _build_module(cfg):
+    """The module dpdm-train would build for `cfg`, on a data module of MNIST's size."""
+    from dpdm.training.builder import build_module
 
-    cfg = _compose("train", [f"denoiser={denoiser}", f"noise={noise}", "output_dir=unused"])
-    precond, dist = build_diffusion(cfg)  # every shipped pair is valid
+    return build_module(cfg, SimpleNamespace(num_train=60_000, image_shape=(1, 28, 28), num_classes=10))[0]
+
+
+@pytest.mark.parametrize("noise_levels", NOISE_LEVELS)
+@pytest.mark.parametrize("preconditioning", PRECONDITIONINGS)
+def test_preconditioning_noise_level_combinations_build(preconditioning, noise_levels):
+    cfg = _compose("train", [f"preconditioning={preconditioning}", f"noise_levels={noise_levels}",
+                             "net=ddpmpp_tiny", "output_dir=unused"])
+    module = _build_module(cfg)  # every shipped pair is valid
+    precond, dist = module.denoiser.precond, module.noise_levels
+    assert type(precond).__name__ == cfg.preconditioning._target_.rsplit(".", 1)[1]
+    assert type(dist).__name__ == cfg.noise_levels._target_.rsplit(".", 1)[1]
     sigma = dist.sample((1000,), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert bool(torch.isfinite(precond.loss_weight(sigma) * precond.c_out(sigma) ** 2).all())
 
 
-def test_an_invalid_combination_is_refused_at_config_time():
-    from dpdm.training.builder import build_diffusion
-
-    cfg = _compose("train", ["denoiser=vp", "noise=edm_lognormal", "noise.log_sigma_shift=3",
-                             "output_dir=unused"])
+def test_an_invalid_combination_is_refused_when_the_module_is_built():
+    cfg = _compose("train", ["preconditioning=vp", "noise_levels=edm_lognormal",
+                             "noise_levels.log_sigma_shift=3", "net=ddpmpp_tiny", "output_dir=unused"])
     with pytest.raises(ValueError, match="VPPreconditioning is defined for σ in"):
-        build_diffusion(cfg)
+        _build_module(cfg)
+
+
+def test_the_model_group_assembles_what_the_top_level_groups_say():
+    """Hydra builds the module from conf/model/: net, preconditioning, noise levels, an optimizer partial
+    and the scalar settings each come from the group or key a user overrides."""
+    cfg = _compose("train", ["experiment=quickstart", "optim.lr=2e-3", "optim.weight_decay=0.01",
+                             "ema.rate=0.99", "loss.label_dropout=0.2", "output_dir=unused"])
+    module = _build_module(cfg)
+    size = lambda net: sum(p.numel() for p in net.parameters())
+    assert size(module.denoiser.net) == size(instantiate(cfg.net))
+    assert module.noise_levels.log_sigma_shift == cfg.noise_levels.log_sigma_shift
+    opt = module.make_optimizer(module.denoiser.parameters())
+    assert isinstance(opt, torch.optim.Adam)
+    assert (opt.defaults["lr"], opt.defaults["weight_decay"]) == (2e-3, 0.01)
+    assert tuple(opt.defaults["betas"]) == tuple(cfg.optim.betas)
+    assert (module.hparams.ema_rate, module.hparams.label_dropout) == (0.99, 0.2)
+    assert module.hparams.max_physical_batch_size == cfg.max_physical_batch_size
+    assert not {"net", "plan", "optimizer", "preconditioning", "noise_levels"} & set(module.hparams)
+
+
+def test_checkpoints_before_the_rename_still_load(tmp_path):
+    """Checkpoints name the preconditioning "preconditioning" now and "denoiser" before; both load to
+    the same denoiser, and a build config naming neither gets a clear error."""
+    from dpdm.training.checkpoint import CheckpointError, load_ema_denoiser
+
+    old = torch.load(_write_checkpoint(tmp_path / "old.ckpt"), weights_only=True)
+    new = {"dpdm": {"build_config": dict(old["dpdm"]["build_config"])}, "state_dict": old["state_dict"]}
+    new["dpdm"]["build_config"]["preconditioning"] = new["dpdm"]["build_config"].pop("denoiser")
+    x, sigma = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0.5, 3.0])
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(load_ema_denoiser(old)(x, sigma, labels), load_ema_denoiser(new)(x, sigma, labels))
+    del new["dpdm"]["build_config"]["preconditioning"]
+    with pytest.raises(CheckpointError, match="names no preconditioning"):
+        load_ema_denoiser(new)
 
 
 # ---- dpdm-sample with every sampler preset ---------------------------------------------------------
@@ -139,6 +182,8 @@ def _write_checkpoint(path: Path, num_classes: int = 10):
     build = {"net": {"_target_": "dpdm.nets.DDPMppUNet", "img_resolution": 8, "in_channels": 1,
                      "out_channels": 1, "num_classes": num_classes, "model_channels": 8,
                      "channel_mult": [1], "num_blocks": 1, "attn_resolutions": [], "zero_init": False},
+             # The key checkpoints had before the `denoiser` group became `preconditioning`: an old
+             # checkpoint must stay loadable (test_checkpoints_before_the_rename_still_load).
              "denoiser": {"_target_": "dpdm.diffusion.preconditioning.EDMPreconditioning"},
              "data": {"name": "mnist"}}
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dpdm.privacy.accounting import calibrate_noise_multiplier, epsilon_spent
+from dpdm.privacy.accounting import calibrate_noise_multiplier, mechanism_epsilon
 from dpdm.training.privacy_plan import make_privacy_plan
 from tests.helpers import REPO, cli_env, run_cli
 
@@ -51,7 +51,7 @@ def test_sigma_from_rate_and_steps_round_trips():
     assert out["noise_multiplier"] == calibrate_noise_multiplier(target_epsilon=3, delta=1e-5,
                                                                  sample_rate=0.02, steps=400)
     assert 0.999 * 3 <= out["epsilon"] <= 3
-    assert out["epsilon"] == epsilon_spent(noise_multiplier=out["noise_multiplier"], sample_rate=0.02,
+    assert out["epsilon"] == mechanism_epsilon(noise_multiplier=out["noise_multiplier"], sample_rate=0.02,
                                            steps=400, delta=1e-5)
 
 
@@ -104,7 +104,7 @@ def test_epsilon_of_a_finished_run_matches_privacy_json(run_dir):
     assert out["agree"] and out["accountant"] == ledger["accountant"] == "rdp"
     assert out["steps"] == ledger["steps"] == 2
     assert out["epsilon"] == pytest.approx(ledger["epsilon"], rel=1e-9)
-    assert out["epsilon"] == pytest.approx(epsilon_spent(
+    assert out["epsilon"] == pytest.approx(mechanism_epsilon(
         noise_multiplier=ledger["noise_multiplier"], sample_rate=ledger["sample_rate"], steps=2,
         delta=ledger["delta"]), rel=1e-9)
     text = cli("epsilon", run_dir)

@@ -142,7 +142,7 @@ def test_notebook_executes_against_the_runs(shrunk, tmp_path):
 # ---- the compute-budget preset -----------------------------------------------------------------------
 
 def test_fast_preset_accounting_is_exact_for_its_own_batch_and_epochs():
-    from dpdm.privacy.accounting import epsilon_spent
+    from dpdm.privacy.accounting import mechanism_epsilon
     from dpdm.training.privacy_plan import make_privacy_plan
 
     cfg = compose_config("train", ["experiment=mnist_eps10_fast", "output_dir=unused"])
@@ -153,7 +153,7 @@ def test_fast_preset_accounting_is_exact_for_its_own_batch_and_epochs():
                              noise_multiplier=None, batch_size=2048, dataset_size=60000, epochs=20,
                              noise_multiplicity=2)
     assert plan.planned_steps == 20 * (60000 // 2048) == 580
-    eps = epsilon_spent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+    eps = mechanism_epsilon(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                         steps=plan.planned_steps, delta=1e-5, accountant="rdp")
     assert 9.9 < eps <= 10  # σ calibrated for exactly these steps: the whole budget, not more
     assert plan.max_steps == plan.planned_steps

@@ -16,7 +16,7 @@ def test_study_trains_samples_and_scores_each_variant_with_its_control(tmp_path)
         "controls": True,
         "sample": {"n": 20, "batch_size": 20},
         "samplers": {"ddim2": ["sampler=ddim", "sampler.num_steps=2"], "own": "config"},
-        "variants": {"shifted": ["noise.log_sigma_shift=1.0"]},
+        "variants": {"shifted": ["noise_levels.log_sigma_shift=1.0"]},
         "evaluation": {"cache_dir": str(tmp_path / "cache"),
                        "real_classifier": {"num_train": 1000, "max_epochs": 1, "lr": 1e-3}},
     }

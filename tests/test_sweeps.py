@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from dpdm.privacy.accounting import epsilon_spent
+from dpdm.privacy.accounting import mechanism_epsilon
 from tests.helpers import BIN, REPO, compose_config
 
 TINY = ["experiment=smoke", "data.subset_size=64", "data.batch_size=32", "trainer.max_epochs=1",
@@ -52,7 +52,7 @@ def test_each_job_has_its_own_run_dir_with_its_own_mechanism(sweep):
         assert (job / "summary.json").is_file() and (job / "checkpoints" / "last.ckpt").is_file()
         seen.add((p["target_epsilon"], p["noise_multiplicity"]))
         # The job's ε is what the accountant gives for the σ calibrated for its own (ε, q, steps).
-        assert p["epsilon"] == pytest.approx(epsilon_spent(
+        assert p["epsilon"] == pytest.approx(mechanism_epsilon(
             noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"], steps=p["steps"],
             delta=p["delta"], accountant=p["accountant"]), rel=1e-9)
         assert p["epsilon"] <= p["target_epsilon"]

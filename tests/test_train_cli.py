@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpdm.privacy.accounting import epsilon_spent
+from dpdm.privacy.accounting import mechanism_epsilon
 from tests.helpers import BIN, REPO, SHRINK, cli_env, run_cli
 
 # The run's own sampler (a preset's choice), which dpdm-sample uses unless told otherwise.
@@ -67,7 +67,7 @@ def test_privacy_json_matches_accountant_for_steps_taken(smoke_run):
     summary = json.loads((smoke_run / "summary.json").read_text())
     assert p["steps"] == summary["optimizer_steps"] == 2 * int(1 / p["sample_rate"])
     assert p["sample_rate"] == pytest.approx(100 / 400)
-    expected = epsilon_spent(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"],
+    expected = mechanism_epsilon(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"],
                              steps=p["steps"], delta=p["delta"], accountant=p["accountant"])
     assert p["epsilon"] == pytest.approx(expected, rel=1e-9)
     assert p["epsilon"] <= p["target_epsilon"]
@@ -138,7 +138,7 @@ def test_trainer_max_steps_stops_the_run_and_the_accountant_plans_for_it(tmp_pat
     p = json.loads((run_dir / "privacy.json").read_text())
     assert p["steps"] == p["planned_steps"] == 3  # 2 epochs of q = 1/4 would be 8 steps
     # σ was calibrated for 3 steps, so those 3 steps spend (almost) the whole budget.
-    eps = epsilon_spent(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"], steps=3,
+    eps = mechanism_epsilon(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"], steps=3,
                         delta=p["delta"])
     assert abs(p["epsilon"] - eps) < 1e-9 and 0.98 * p["target_epsilon"] < eps <= p["target_epsilon"]
 
@@ -172,3 +172,21 @@ def test_sample_grid_has_one_row_per_class():
     assert nrow == 2 and idx.tolist() == [0, 1, 3, 4]
     idx, nrow = grid_rows(torch.full((250,), -1))
     assert nrow == 10 and idx.tolist() == list(range(100))
+
+
+def test_a_smoke_run_writes_what_it_wrote_before_the_redesign(tmp_path):
+    """Issue 14's redesign (model group, renames) must not change what a run releases: the run directory's
+    files and privacy.json are compared with tests/golden/smoke_tiny_run.json, recorded by the code before
+    it. The checkpoint may gain keys (hyper_parameters); what it must still hold is checked elsewhere."""
+    golden = json.loads((REPO / "tests" / "golden" / "smoke_tiny_run.json").read_text())
+    proc = _run([str(BIN / "dpdm-train"), "experiment=smoke", "debug=tiny", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == golden["files"]
+    privacy = json.loads((tmp_path / "privacy.json").read_text())
+    assert privacy.keys() == golden["privacy"].keys()
+    for key, value in golden["privacy"].items():
+        assert privacy[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
+    assert sorted(json.loads((tmp_path / "summary.json").read_text())) == golden["summary_keys"]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert set(ckpt["dpdm"]) == {"accountant", "build_config", "diffusion_rng", "plan"}

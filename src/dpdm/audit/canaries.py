@@ -148,24 +148,30 @@ class CanaryAuditReport:
         return d
 
 
-def audit_net(image_shape: tuple[int, int, int], num_classes: int):
-    """A very small DDPM++ U-Net: the canaries live in gradient space, so the net only has to be real."""
-    from dpdm.nets import DDPMppUNet
-
+def audit_overrides(image_shape: tuple[int, int, int], num_classes: int, *, seed: int, noise_seed: int | None,
+                    max_physical_batch_size: int) -> list[str]:
+    """The `train` config of the audited module: the real `model` group with a very small DDPM++ U-Net (the
+    canaries live in gradient space, so the net only has to be real) and a fast EMA."""
     c, res, _ = image_shape
-    return DDPMppUNet(img_resolution=res, in_channels=c, out_channels=c, num_classes=num_classes,
-                      model_channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=(),
-                      dropout=0.0, zero_init=False)
+    return ["model._target_=dpdm.audit.canaries.CanaryAuditModule", "net=ddpmpp_tiny",
+            f"net.img_resolution={res}", f"net.in_channels={c}", f"net.out_channels={c}",
+            f"net.num_classes={num_classes}", "net.model_channels=8", "net.channel_mult=[1]", "net.num_blocks=1",
+            "net.attn_resolutions=[]", "++net.zero_init=false", "ema.rate=0.9", f"seed={seed}",
+            f"privacy.noise_seed={'null' if noise_seed is None else noise_seed}",
+            f"max_physical_batch_size={max_physical_batch_size}", "output_dir=unused"]
 
 
 def run_canary_audit(config: CanaryAuditConfig, images: torch.Tensor, labels: torch.Tensor, *,
                      net: torch.nn.Module | None = None) -> CanaryAuditReport:
     """Train with DP-SGD on (images, labels) plus m canaries through a real Lightning Trainer; audit."""
     import pytorch_lightning as pl
+    from hydra.utils import instantiate
     from opacus.data_loader import DPDataLoader
 
     from dpdm.data.datamodule import UInt8ImageDataset, batch_passthrough
+    from dpdm.training.builder import module_from_config
     from dpdm.training.privacy_plan import make_privacy_plan
+    from dpdm.utils.configs import compose
 
     if config.score not in ("llr", "sum"):
         raise ValueError(f"score must be 'llr' or 'sum', got {config.score!r}")
@@ -174,8 +180,11 @@ def run_canary_audit(config: CanaryAuditConfig, images: torch.Tensor, labels: to
     seeds = [os_seed() if seed is None else seed + i for i in range(6)]
     m, n_real = config.num_canaries, int(images.shape[0])
     num_classes = int(labels.max()) + 1 if labels.numel() else 0
+    cfg = compose("train", audit_overrides(tuple(images.shape[1:]), num_classes, seed=seeds[4],
+                                           noise_seed=None if seed is None else seeds[3],
+                                           max_physical_batch_size=max(256, config.batch_size)))
     torch.manual_seed(seeds[0])
-    net = net if net is not None else audit_net(tuple(images.shape[1:]), num_classes)
+    net = net if net is not None else instantiate(cfg.net)
     coords, included = draw_canaries(sum(p.numel() for p in net.parameters() if p.requires_grad), m,
                                      generator=torch.Generator().manual_seed(seeds[1]))
     # q must not depend on the secret S (a q computed from the realised N' would reveal how many canaries
@@ -185,10 +194,8 @@ def run_canary_audit(config: CanaryAuditConfig, images: torch.Tensor, labels: to
                              max_grad_norm=config.max_grad_norm, accountant=config.accountant,
                              noise_multiplier=None, batch_size=config.batch_size, dataset_size=nominal,
                              epochs=config.epochs, noise_multiplicity=1)
-    module = CanaryAuditModule(net=net, plan=plan, canary_coords=coords, canary_included=included,
-                               canary_seed=seeds[2], noise_seed=None if seed is None else seeds[3],
-                               seed=seeds[4], max_physical_batch_size=max(256, config.batch_size),
-                               ema_rate=0.9)
+    module = module_from_config(cfg, plan, net=net, canary_coords=coords, canary_included=included,
+                                canary_seed=seeds[2])
     loader = DPDataLoader(UInt8ImageDataset(images, labels), sample_rate=plan.sample_rate,
                           generator=torch.Generator().manual_seed(seeds[5]), collate_fn=batch_passthrough)
     trainer = pl.Trainer(max_epochs=config.epochs, accelerator="cpu", logger=False,

@@ -22,7 +22,7 @@ from dpdm.privacy.accounting import (
     ACCOUNTANTS,
     calibrate_noise_multiplier,
     epsilon_from_history,
-    epsilon_spent,
+    mechanism_epsilon,
     steps_in_history,
 )
 from dpdm.training.privacy_plan import make_privacy_plan, steps_per_epoch
@@ -87,7 +87,7 @@ def _sigma(args, parser) -> dict:
     if sigma is None:
         sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=args.delta, sample_rate=q,
                                            steps=steps, accountant=args.accountant)
-    eps = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=args.delta,
+    eps = mechanism_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=args.delta,
                         accountant=args.accountant)
     return {"noise_multiplier": sigma, "epsilon": eps, "target_epsilon": args.epsilon, "delta": args.delta,
             "sample_rate": q, "steps": steps, "accountant": args.accountant,

@@ -49,19 +49,18 @@ def grid_rows(y: torch.Tensor, per_row: int = 10, max_rows: int = 10) -> tuple[t
 def draw_samples(denoiser, *, n: int, labels, seed: int, sampler_cfg, batch_size: int,
                  image_shape, device) -> torch.Tensor:
     """n uint8 samples; sample i uses seed + i for its latent and its sampling noise."""
-    from dpdm.diffusion.samplers import sample_from_seeds
+    from dpdm.diffusion.samplers import sample_from_seeds, sample_in_batches
     from dpdm.utils.configs import to_plain
     from dpdm.utils.images import to_uint8
 
     spec = dict(to_plain(sampler_cfg))
-    out = []
-    for start in range(0, n, batch_size):
-        seeds = list(range(seed + start, seed + min(n, start + batch_size)))
-        lab = None if labels is None else labels[start:start + len(seeds)]
-        x = sample_from_seeds(denoiser, seeds, sampler=spec, class_labels=lab, shape=image_shape, device=device)
-        out.append(to_uint8(x))
-        log.info("sampled %d / %d", start + len(seeds), n)
-    return torch.cat(out)
+
+    def draw(seeds, lab):
+        return to_uint8(sample_from_seeds(denoiser, seeds, sampler=spec, class_labels=lab, shape=image_shape,
+                                          device=device))
+
+    return sample_in_batches(draw, n=n, labels=labels, seed=seed, batch_size=batch_size,
+                             progress=lambda done, total: log.info("sampled %d / %d", done, total))
 
 
 def run_sampling(cfg: DictConfig) -> Path:

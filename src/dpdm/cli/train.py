@@ -1,4 +1,4 @@
-"""dpdm-train: the Hydra main. Composes data, network, denoiser, noise levels, privacy and trainer."""
+"""dpdm-train: the Hydra main. Composes data, network, preconditioning, noise levels, privacy and trainer."""
 from __future__ import annotations
 
 import logging

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpdm.diffusion.noise_levels import SigmaDistribution
+from dpdm.diffusion.noise_levels import NoiseLevels
 from dpdm.diffusion.preconditioning import Denoiser
 
 
@@ -28,12 +28,12 @@ class TrainingNoise:
 
 
 def draw_training_noise(x: Tensor, y: Tensor | None, *, noise_multiplicity: int,
-                        sigma_dist: SigmaDistribution, label_dropout: float,
+                        noise_levels: NoiseLevels, label_dropout: float,
                         null_label: int | None, generator: torch.Generator | None = None
                         ) -> TrainingNoise:
     B, K = x.shape[0], noise_multiplicity
     kw = dict(generator=generator, device=x.device)
-    sigma = sigma_dist.sample((B, K), dtype=x.dtype, **kw)
+    sigma = noise_levels.sample((B, K), dtype=x.dtype, **kw)
     noise = torch.randn((B, K, *x.shape[1:]), dtype=x.dtype, **kw)
     labels = None
     if y is not None and null_label is not None:

@@ -21,7 +21,7 @@ from dpdm.diffusion.schedules import cosine_sigma, cosine_sigma_inv, logsnr_to_s
 
 
 @dataclass(frozen=True)
-class SigmaDistribution:
+class NoiseLevels:
     """Base: `sample` and `cdf` of σ·exp(shift), given `_sample` and `_cdf` of the unshifted σ."""
 
     # Keyword-only so that subclasses keep their own positional fields (LogNormalSigma(-1.2, 1.2)).
@@ -47,7 +47,7 @@ class SigmaDistribution:
 
 
 @dataclass(frozen=True)
-class LogNormalSigma(SigmaDistribution):
+class LogNormalSigma(NoiseLevels):
     """ln σ ~ N(P_mean, P_std²) (EDM Sec. 5); EDM's defaults P_mean = -1.2, P_std = 1.2 are DPDM's too."""
 
     P_mean: float = -1.2
@@ -55,7 +55,7 @@ class LogNormalSigma(SigmaDistribution):
 
     def __post_init__(self):
         if not self.P_std > 0:
-            raise ValueError(f"noise.P_std must be > 0, got {self.P_std}")
+            raise ValueError(f"noise_levels.P_std must be > 0, got {self.P_std}")
 
     def _sample(self, shape, *, generator, device, dtype) -> Tensor:
         z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
@@ -66,7 +66,7 @@ class LogNormalSigma(SigmaDistribution):
 
 
 @dataclass(frozen=True)
-class VPUniformT(SigmaDistribution):
+class VPUniformT(NoiseLevels):
     """t ~ U(ε_t, 1), σ = σ_VP(t) (EDM Table 1, "VP" training; Song et al. 2021)."""
 
     beta_d: float = 19.9
@@ -89,7 +89,7 @@ class VPUniformT(SigmaDistribution):
 
 
 @dataclass(frozen=True)
-class VELogUniform(SigmaDistribution):
+class VELogUniform(NoiseLevels):
     """ln σ ~ U(ln σ_min, ln σ_max) (EDM Table 1, "VE" training: σ = σ_min·(σ_max/σ_min)^t, t ~ U(0, 1))."""
 
     sigma_min: float = 0.02
@@ -109,7 +109,7 @@ class VELogUniform(SigmaDistribution):
 
 
 @dataclass(frozen=True)
-class LogSNRCosine(SigmaDistribution):
+class LogSNRCosine(NoiseLevels):
     """t uniform, σ = tan(πt/2) (cosine schedule), truncated to logSNR λ ∈ [λ_min, λ_max].
 
     DPDM's v-prediction setting: λ ∈ [−9, 13], i.e. σ = e^{−λ/2} ∈ [0.0015, 90]. t ranges over
@@ -143,18 +143,18 @@ class LogSNRCosine(SigmaDistribution):
 OUTSIDE_DOMAIN_TOLERANCE = 1e-6
 
 
-def check_compatible(preconditioning, sigma_dist, *, tol: float = OUTSIDE_DOMAIN_TOLERANCE) -> None:
+def check_compatible(preconditioning, noise_levels, *, tol: float = OUTSIDE_DOMAIN_TOLERANCE) -> None:
     """Refuse a (denoiser, noise) pair whose training σ leave the denoiser's σ domain.
 
     Only VP has a bounded domain (its network input c_noise = (M−1)·t needs t ≤ 1, σ ≤ σ(1) ≈ 152), so in
     practice this refuses VP with noise distributions shifted or widened past it.
     """
     lo, hi = preconditioning.sigma_domain
-    cdf = lambda s: float(sigma_dist.cdf(torch.tensor(s, dtype=torch.float64)))
+    cdf = lambda s: float(noise_levels.cdf(torch.tensor(s, dtype=torch.float64)))
     outside = (cdf(lo) if lo > 0 else 0.0) + (1.0 - cdf(hi) if math.isfinite(hi) else 0.0)
     if outside > tol:
         raise ValueError(
-            f"denoiser {type(preconditioning).__name__} is defined for σ in ({lo:.4g}, {hi:.4g}], but "
-            f"the noise distribution {sigma_dist} puts {outside:.2e} of its mass outside that range "
-            f"(at most {tol:g} allowed). Choose another noise= (e.g. the denoiser's own), reduce "
-            "noise.log_sigma_shift, or another denoiser=.")
+            f"preconditioning {type(preconditioning).__name__} is defined for σ in ({lo:.4g}, {hi:.4g}], but "
+            f"the noise distribution {noise_levels} puts {outside:.2e} of its mass outside that range "
+            f"(at most {tol:g} allowed). Choose another noise_levels= (e.g. the preconditioning's own), reduce "
+            "noise_levels.log_sigma_shift, or another preconditioning=.")

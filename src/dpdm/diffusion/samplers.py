@@ -56,6 +56,22 @@ def sample_from_seeds(denoiser, seeds: Sequence[int], *, sampler: dict, class_la
     return run_sampler(denoiser, latents, class_labels=class_labels, noise_seeds=seeds, **sampler)
 
 
+def sample_in_batches(draw: Callable[[list[int], Tensor | None], Tensor], *, n: int,
+                      labels: Tensor | None = None, seed: int = 0, batch_size: int = 500,
+                      progress: Callable[[int, int], None] | None = None) -> Tensor:
+    """n images from `draw(seeds, labels)`, batch_size at a time; image i is drawn with seed + i (and
+    labels[i]), so the set is the same whatever the batch size. `progress(done, n)` after each batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = []
+    for start in range(0, n, batch_size):
+        seeds = list(range(seed + start, seed + min(n, start + batch_size)))
+        out.append(draw(seeds, None if labels is None else labels[start:start + len(seeds)]))
+        if progress is not None:
+            progress(start + len(seeds), n)
+    return torch.cat(out)
+
+
 def guided(denoiser: Callable, x: Tensor, sigma: Tensor, class_labels: Tensor | None,
            guidance: float, null_label: int | None) -> Tensor:
     """Classifier-free guidance: (1 + w)·D(x, y) − w·D(x, ∅). w = 0 is the plain conditional D."""

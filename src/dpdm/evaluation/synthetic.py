@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from dpdm.diffusion.samplers import sample_in_batches
 from dpdm.evaluation.downstream import LabeledImages
 
 __all__ = ["SampleFn", "draw_synthetic_set", "samples_from_npz"]
@@ -29,11 +30,7 @@ def draw_synthetic_set(sample_fn: SampleFn, *, num_samples: int, num_held_out: i
         raise ValueError(f"num_samples must be >= 2, got {num_samples}")
     total = num_samples + (num_held_out if num_classes > 0 else 0)
     labels = torch.arange(total) % num_classes if num_classes > 0 else None
-    chunks = []
-    for start in range(0, total, batch_size):
-        seeds = list(range(seed + start, seed + min(total, start + batch_size)))
-        chunks.append(sample_fn(seeds, None if labels is None else labels[start:start + len(seeds)]))
-    images = torch.cat(chunks)
+    images = sample_in_batches(sample_fn, n=total, labels=labels, seed=seed, batch_size=batch_size)
     y = labels if labels is not None else torch.full((total,), -1, dtype=torch.int64)
     samples = LabeledImages(images[:num_samples], y[:num_samples])
     if total == num_samples:

@@ -24,6 +24,8 @@ results/study/<study>.jsonl; a finished training or sampling step is reused, so 
 """
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import platform
@@ -123,9 +125,15 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
 
 def configured_sampler(study: Study, variant: str) -> dict:
     """The `sampler:` of a variant's training config as conf/ composes it now (resolved)."""
+    return copy.deepcopy(_composed_sampler((*study.train, *study.variants[variant])))
+
+
+@functools.cache
+def _composed_sampler(overrides: tuple[str, ...]) -> dict:
+    # Composing costs a second or two; a study asks once per (variant, mode, sampler) and per curve.
     from dpdm.utils.configs import compose, to_plain
 
-    return to_plain(compose("train", [*study.train, *study.variants[variant], "output_dir=unused"]).sampler)
+    return to_plain(compose("train", [*overrides, "output_dir=unused"]).sampler)
 
 
 def sampler_overrides(spec: dict) -> list[str]:
@@ -142,9 +150,17 @@ def drawn_with(out: Path, ckpt: Path) -> dict | None:
     record = read_json(out / "sampler.json")
     if record is not None:
         return record.get("sampler")
+    if not ckpt.exists():
+        return None
+    return copy.deepcopy(_checkpoint_sampler(str(ckpt), ckpt.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _checkpoint_sampler(path: str, mtime_ns: int) -> dict | None:
+    # Loading a checkpoint takes seconds; every older set and curve point of a run asks about the same one.
     from dpdm.training.checkpoint import checkpoint_sampler, load_checkpoint
 
-    return checkpoint_sampler(load_checkpoint(ckpt)) if ckpt.exists() else None
+    return checkpoint_sampler(load_checkpoint(Path(path)))
 
 
 def same_sampler(a: dict | None, b: dict | None) -> bool:
@@ -229,7 +245,8 @@ def run_facts(run_dir: Path) -> dict:
         "lr": cfg["optim"]["lr"], "net": {k: net[k] for k in ("model_channels", "channel_mult", "num_blocks",
                                                                "attn_resolutions") if k in net}
         | {"patch_size": net.get("patch_size", 1)},
-        "noise": {k: v for k, v in cfg["noise"].items() if k != "_target_"},
+        # Runs before the `noise` group became `noise_levels` store it under "noise"; so do the rows.
+        "noise": {k: v for k, v in (cfg.get("noise_levels") or cfg["noise"]).items() if k != "_target_"},
     }
 
 

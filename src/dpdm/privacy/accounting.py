@@ -23,9 +23,11 @@ def _check_accountant(name: str) -> str:
     return name
 
 
-def epsilon_spent(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                  accountant: str = "rdp") -> float:
-    """ε after `steps` Poisson-subsampled Gaussian steps with rate q and noise multiplier σ."""
+def mechanism_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                      accountant: str = "rdp") -> float:
+    """ε of a mechanism described by its parameters: `steps` Poisson-subsampled Gaussian steps at rate q
+    and noise multiplier σ. (The ε a run has spent comes from its accountant's own history:
+    `accountant_epsilon`, `DPDiffusionModule.epsilon_spent`.)"""
     return epsilon_from_history([(noise_multiplier, sample_rate, steps)], delta=delta, accountant=accountant)
 
 
@@ -54,7 +56,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
     log_target = math.log(target_epsilon)
 
     def gap(s: float) -> float:  # > 0: over budget
-        e = epsilon_spent(noise_multiplier=s, sample_rate=sample_rate, steps=steps, delta=delta,
+        e = mechanism_epsilon(noise_multiplier=s, sample_rate=sample_rate, steps=steps, delta=delta,
                           accountant=accountant)
         return math.log(e) - log_target if 0 < e < math.inf else (math.inf if e > 0 else -math.inf)
 
@@ -103,7 +105,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
 def max_steps_within_budget(*, target_epsilon: float, delta: float, noise_multiplier: float,
                             sample_rate: float, accountant: str = "rdp", upper: int) -> int:
     """Largest T ≤ upper with ε(T) ≤ target (ε grows with T, so bisection on T)."""
-    eps = lambda t: epsilon_spent(noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+    eps = lambda t: mechanism_epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate,
                                   steps=t, delta=delta, accountant=accountant)
     if eps(upper) <= target_epsilon:
         return upper

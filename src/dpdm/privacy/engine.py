@@ -16,8 +16,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from dpdm.privacy.accounting import _check_accountant
-from dpdm.privacy.noise_multiplicity import NoiseMultiplicityGradSampleHooks
-from dpdm.privacy.per_example_grads import PerExampleGradients, unsupported_layer
+from dpdm.privacy.grads_fold import PerExampleGradients, unsupported_layer
+from dpdm.privacy.grads_opacus import NoiseMultiplicityGradSampleHooks
 from dpdm.utils.seeds import os_seed
 
 # How per-example gradients are computed (docs/performance.md has the measurements behind the default):

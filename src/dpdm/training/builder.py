@@ -1,23 +1,17 @@
-"""The LightningModule a composed `train` config describes: the one builder behind dpdm-train and the
-throughput benchmarks."""
+"""The LightningModule a composed `train` config describes: the one builder behind dpdm-train, the
+throughput benchmarks and dpdm-reproduce (which runs dpdm-train)."""
 from __future__ import annotations
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 
-def build_diffusion(cfg: DictConfig):
-    """The denoiser's preconditioning and the training noise levels, refused if they do not fit."""
-    from dpdm.diffusion.noise_levels import check_compatible
-
-    preconditioning, sigma_dist = instantiate(cfg.denoiser), instantiate(cfg.noise)
-    check_compatible(preconditioning, sigma_dist)
-    return preconditioning, sigma_dist
-
-
 def build_module(cfg: DictConfig, dm):
-    """The DP diffusion module and its privacy plan for `cfg` on the data module `dm` (set up)."""
-    from dpdm.training.module import DPDiffusionModule
+    """The DP diffusion module and its privacy plan for `cfg` on the data module `dm` (set up).
+
+    Hydra instantiates the module from the `model` group (net, preconditioning, noise levels, optimizer
+    partial); the plan is added here because σ and q depend on the size of the data actually trained on.
+    """
     from dpdm.training.privacy_plan import make_privacy_plan
 
     p = cfg.privacy
@@ -27,20 +21,21 @@ def build_module(cfg: DictConfig, dm):
         batch_size=cfg.data.batch_size, dataset_size=dm.num_train,
         epochs=cfg.trainer.max_epochs, noise_multiplicity=cfg.loss.noise_multiplicity,
         step_limit=cfg.trainer.get("max_steps"))
-    preconditioning, sigma_dist = build_diffusion(cfg)
-    module = DPDiffusionModule(
-        net=instantiate(cfg.net), plan=plan, preconditioning=preconditioning,
-        sigma_dist=sigma_dist, label_dropout=cfg.loss.label_dropout,
-        pixel_reduction=cfg.loss.pixel_reduction, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay, ema_rate=cfg.ema.rate,
-        ema_warmup=cfg.ema.warmup,
-        max_physical_batch_size=cfg.max_physical_batch_size, secure_mode=p.secure_mode,
-        seed=cfg.seed, noise_seed=p.get("noise_seed"), dp_engine=cfg.get("dp_engine", "fold"),
-        log_nonprivate_metrics=bool(p.get("log_nonprivate_metrics", False)))
+    module = module_from_config(cfg, plan)
     # Enough to rebuild the denoiser from a checkpoint alone, and the sampler its preset chose (dpdm-sample).
-    module.build_config = OmegaConf.to_container(
-        OmegaConf.masked_copy(cfg, ["net", "denoiser", "data", "sampler"]), resolve=True)
+    # Each part is resolved in place, against the whole config (data.data_dir points into paths).
+    module.build_config = {key: OmegaConf.to_container(cfg[key], resolve=True)
+                           for key in ("net", "preconditioning", "data", "sampler")}
     return module, plan
+
+
+def module_from_config(cfg: DictConfig, plan, **objects):
+    """`cfg.model` instantiated with `plan` and any `objects` (tensors, a ready net) no config can hold.
+
+    Hydra builds the model as a partial, so the plan (a dataclass, which Hydra would read as config) and the
+    objects are passed as themselves; an object named like a config entry (net=) replaces it.
+    """
+    return instantiate(cfg.model, _partial_=True)(plan=plan, **objects)
 
 
 def describe_plan(plan) -> str:

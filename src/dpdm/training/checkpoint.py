@@ -84,12 +84,21 @@ def sampler_overridden() -> bool:
                for o in HydraConfig.get().overrides.task)
 
 
+def preconditioning_config(build_config: dict) -> dict:
+    """The preconditioning's config in a checkpoint's build config. Checkpoints written before the
+    `denoiser` group was renamed `preconditioning` store it under "denoiser"; both stay loadable."""
+    for key in ("preconditioning", "denoiser"):
+        if key in build_config:
+            return build_config[key]
+    raise CheckpointError("checkpoint's build config names no preconditioning; it was not written by dpdm-train")
+
+
 def load_ema_denoiser(ckpt: dict) -> Denoiser:
     """The EMA denoiser of a training checkpoint, rebuilt from the config stored with it."""
     cfg = ckpt["dpdm"].get("build_config")
     if not cfg:
         raise CheckpointError("checkpoint lacks its build config; it was not written by dpdm-train")
-    denoiser = Denoiser(instantiate(cfg["net"]), instantiate(cfg["denoiser"]))
+    denoiser = Denoiser(instantiate(cfg["net"]), instantiate(preconditioning_config(cfg)))
     prefix = "ema."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     denoiser.load_state_dict(state)

@@ -9,18 +9,20 @@ Lightning's global_step equal to the number of real steps.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
 from dpdm.diffusion.loss import denoising_loss_per_example, draw_training_noise
-from dpdm.diffusion.noise_levels import LogNormalSigma
+from dpdm.diffusion.noise_levels import LogNormalSigma, NoiseLevels, check_compatible
 from dpdm.diffusion.preconditioning import Denoiser, EDMPreconditioning
 from dpdm.diffusion.samplers import sample_from_seeds
 from dpdm.privacy.accounting import accountant_epsilon, steps_in_history
 from dpdm.privacy.engine import DPComponents, check_engine, make_dp_components
-from dpdm.privacy.noise_multiplicity import set_empty_grad_samples
+from dpdm.privacy.grads_opacus import set_empty_grad_samples
 from dpdm.training.ema import ema_rate_at, make_ema_copy, update_ema
 from dpdm.training.privacy_plan import PrivacyPlan
 from dpdm.utils.seeds import derived_seed
@@ -55,20 +57,27 @@ def budget_exhausted(plan: PrivacyPlan, steps: int, epsilon: float) -> PrivacyBu
 class DPDiffusionModule(pl.LightningModule):
     def __init__(self, *, net: nn.Module, plan: PrivacyPlan,
                  preconditioning: EDMPreconditioning | None = None,
-                 sigma_dist: LogNormalSigma | None = None, label_dropout: float = 0.1,
-                 pixel_reduction: str = "sum", lr: float = 3e-4, betas=(0.9, 0.999),
-                 weight_decay: float = 0.0, ema_rate: float = 0.999, ema_warmup: bool = False,
-                 max_physical_batch_size: int = 256, secure_mode: bool = False, seed: int = 0,
-                 noise_seed: int | None = None, dp_engine: str = "fold", log_nonprivate_metrics: bool = False):
+                 noise_levels: NoiseLevels | None = None,
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 label_dropout: float = 0.1, pixel_reduction: str = "sum", ema_rate: float = 0.999,
+                 ema_warmup: bool = False, max_physical_batch_size: int = 256, secure_mode: bool = False,
+                 seed: int = 0, noise_seed: int | None = None, dp_engine: str = "fold",
+                 log_nonprivate_metrics: bool = False):
         super().__init__()
+        # The scalar settings go into the checkpoint's hyper_parameters. The net, preconditioning, noise
+        # levels and optimizer are objects (pickled, they would make checkpoints unloadable with
+        # weights_only=True); their configs travel as `build_config` instead, the plan as dpdm.plan.
+        self.save_hyperparameters(ignore=["net", "plan", "preconditioning", "noise_levels", "optimizer"],
+                                  logger=False)
         self.automatic_optimization = False
         self.denoiser = Denoiser(net, preconditioning or EDMPreconditioning())
+        self.noise_levels = noise_levels or LogNormalSigma()
+        check_compatible(self.denoiser.precond, self.noise_levels)
         self.ema = make_ema_copy(self.denoiser)
         self.plan = plan
-        self.sigma_dist = sigma_dist or LogNormalSigma()
         self.K = plan.noise_multiplicity
         self.label_dropout, self.pixel_reduction = label_dropout, pixel_reduction
-        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
+        self.make_optimizer = optimizer or partial(torch.optim.Adam, lr=3e-4)
         self.ema_rate, self.ema_warmup = ema_rate, ema_warmup
         self.max_physical = max_physical_batch_size
         self.secure_mode, self.seed, self.noise_seed = secure_mode, seed, noise_seed
@@ -84,20 +93,19 @@ class DPDiffusionModule(pl.LightningModule):
 
     # ---- optimizer, privacy engine ---------------------------------------------------------------
     def configure_optimizers(self):
-        adam = torch.optim.Adam(self.denoiser.parameters(), lr=self.lr, betas=self.betas,
-                                weight_decay=self.weight_decay)
+        inner = self.make_optimizer(self.denoiser.parameters())
         if not self.plan.enabled:
-            return adam
+            return inner
         if self.dp is None:
             self.dp = make_dp_components(
-                self.denoiser.net, adam, noise_multiplier=self.plan.noise_multiplier,
+                self.denoiser.net, inner, noise_multiplier=self.plan.noise_multiplier,
                 max_grad_norm=self.plan.max_grad_norm,
                 expected_batch_size=self.plan.expected_batch_size,
                 sample_rate=self.plan.sample_rate, noise_multiplicity=self.K,
                 accountant=self.plan.accountant, secure_mode=self.secure_mode,
                 noise_seed=self.noise_seed, engine=self.dp_engine)
-        else:  # a second fit() on the same module: keep hooks/accountant, rewrap the new Adam
-            self.dp.optimizer.original_optimizer = adam
+        else:  # a second fit() on the same module: keep hooks/accountant, rewrap the new optimizer
+            self.dp.optimizer.original_optimizer = inner
         if self._restored is not None:
             self.dp.accountant.load_state_dict(self._restored["accountant"])
             if "noise_rng" in self._restored:
@@ -138,7 +146,7 @@ class DPDiffusionModule(pl.LightningModule):
         return self._diffusion_gen
 
     def _chunk_loss(self, x, y):
-        tn = draw_training_noise(x, y, noise_multiplicity=self.K, sigma_dist=self.sigma_dist,
+        tn = draw_training_noise(x, y, noise_multiplicity=self.K, noise_levels=self.noise_levels,
                                  label_dropout=self.label_dropout, null_label=self.denoiser.null_label,
                                  generator=self._diffusion_generator())
         return denoising_loss_per_example(self.denoiser, x, tn, pixel_reduction=self.pixel_reduction)

@@ -49,16 +49,16 @@ def celeba_transform(image: object) -> np.ndarray:
     crop used for CelebA 32/64 in the score-based / DP generative-model literature (NCSN, Score SDE,
     DP-Sinkhorn, DPDM); cropping to a square first keeps the aspect ratio of the face.
     """
-    from PIL import Image
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
 
     img = image.convert("RGB")  # type: ignore[attr-defined]
     w, h = img.size
-    if w < CELEBA_CROP or h < CELEBA_CROP:
+    if w < CELEBA_CROP or h < CELEBA_CROP:  # center_crop would pad a small image; refuse it instead
         raise DatasetCorruptError(f"CelebA image is {w}x{h}, smaller than the {CELEBA_CROP}x{CELEBA_CROP} crop")
-    # Same rounding as torchvision.transforms.CenterCrop.
-    top, left = int(round((h - CELEBA_CROP) / 2.0)), int(round((w - CELEBA_CROP) / 2.0))
-    img = img.crop((left, top, left + CELEBA_CROP, top + CELEBA_CROP))
-    img = img.resize((CELEBA_SIZE, CELEBA_SIZE), Image.BILINEAR)
+    img = TF.center_crop(img, [CELEBA_CROP, CELEBA_CROP])
+    # On a PIL image torchvision resizes with PIL itself (antialiased bilinear).
+    img = TF.resize(img, [CELEBA_SIZE, CELEBA_SIZE], interpolation=InterpolationMode.BILINEAR, antialias=True)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 

@@ -41,7 +41,7 @@ class NoiseMultiplicityGradSampleHooks(GradSampleHooks):
         self.GRAD_SAMPLERS = {t: _fold_rows(f, K) for t, f in GradSampleHooks.GRAD_SAMPLERS.items()}
         super().__init__(module, batch_first=True, loss_reduction=loss_reduction, strict=True)
 
-    # The engine interface shared with dpdm.privacy.per_example_grads.PerExampleGradients.
+    # The engine interface shared with dpdm.privacy.grads_fold.PerExampleGradients.
     def capture(self):
         return nullcontext()  # the hooks record every training-mode forward
 
