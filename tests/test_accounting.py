@@ -1,4 +1,6 @@
 """Accounting against an independent implementation (Google's dp_accounting) and calibration round trips."""
+import math
+
 import dp_accounting
 import pytest
 from opacus.accountants.rdp import RDPAccountant
@@ -128,3 +130,26 @@ def test_trainer_max_steps_shortens_the_plan_and_sigma_is_calibrated_for_it():
     with pytest.raises(ValueError, match="max_steps"):
         make_privacy_plan(**kw, step_limit=0)
 
+
+@pytest.mark.parametrize("epsilon,delta,k", [(1.0, 1e-5, 1), (1.0, 1e-5, 2), (0.5, 1e-6, 5), (10.0, 1e-5, 2),
+                                             (0.0, 1e-5, 3), (8.0, 1e-5, 100)])
+def test_group_privacy_chains_k_neighbouring_datasets(epsilon, delta, k):
+    """Reference: apply (ε, δ)-DP along a chain D_0 ~ D_1 ~ ... ~ D_k step by step,
+    P[M(D_0) ∈ S] ≤ e^ε P[M(D_1) ∈ S] + δ ≤ ..., accumulating (ε_i, δ_i) one link at a time."""
+    from dpdm.privacy.accounting import group_privacy
+
+    eps_i, delta_i = 0.0, 0.0
+    for _ in range(k):   # (ε_i, δ_i) then one more link: (ε_i + ε, e^ε·δ_i + δ)
+        eps_i, delta_i = eps_i + epsilon, math.exp(epsilon) * delta_i + delta
+    got = group_privacy(epsilon, delta, k)
+    assert got[0] == pytest.approx(eps_i)
+    assert got[1] == pytest.approx(min(delta_i, 1.0), rel=1e-9)
+    log_dwork_roth = math.log(k) + (k - 1) * epsilon + math.log(delta)   # Dwork & Roth, Thm 2.2: k·e^{(k−1)ε}·δ
+    assert got[1] <= min(math.exp(min(log_dwork_roth, 0.0)), 1.0) * (1 + 1e-12)
+
+
+def test_group_privacy_refuses_k_below_one():
+    from dpdm.privacy.accounting import group_privacy
+
+    with pytest.raises(ValueError, match="examples_per_person"):
+        group_privacy(1.0, 1e-5, 0)

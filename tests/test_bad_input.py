@@ -93,10 +93,12 @@ def test_train_bad_input(case, tmp_path):
     assert not (tmp_path / "evil.pwned").exists()  # no code from a checkpoint ran
 
 
-def test_train_missing_data_says_how_to_get_it(tmp_path):
-    proc = _run("dpdm-train", [*SHRINK, f"hydra.run.dir={tmp_path / 'run'}"],
+def test_train_missing_data_it_cannot_fetch_says_how_to_get_it(tmp_path):
+    # MNIST and Fashion-MNIST are fetched by dpdm-train itself (test_train_cli.py); CelebA cannot be.
+    proc = _run("dpdm-train", [*SHRINK, "data=celeba32", f"hydra.run.dir={tmp_path / 'run'}"],
                 env_extra={"DPDM_DATA_DIR": str(tmp_path / "empty")})
-    _assert_one_clear_message(proc, "dpdm-data")
+    _assert_one_clear_message(proc, "dpdm-data celeba32")
+    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_train_unwritable_output_dir(tmp_path):

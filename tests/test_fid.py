@@ -114,12 +114,39 @@ def test_classifier_features_are_frozen_and_typed():
 def test_missing_weights_say_how_to_provide_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     with pytest.raises(FIDUnavailable) as e:
-        resolve_inception_weights()
+        resolve_inception_weights(download=False)
     msg = str(e.value)
     assert "FID unavailable" in msg and INCEPTION_URL in msg and "fid.weights_path=" in msg
     assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in msg
     with pytest.raises(FIDUnavailable, match="nope.pth"):
-        resolve_inception_weights(weights_path=tmp_path / "nope.pth")
+        resolve_inception_weights(weights_path=tmp_path / "nope.pth")  # an explicit path never downloads
+    offline = (tmp_path / "unreachable.pth").as_uri()                   # what an offline download meets
+    with pytest.raises(FIDUnavailable, match="Downloading .* failed") as e:
+        resolve_inception_weights(url=offline)
+    assert "fid.weights_path=" in str(e.value)
+    assert not any((tmp_path / "torch_home" / "hub" / "checkpoints").iterdir())   # nothing half-written
+
+
+def test_weights_are_downloaded_into_the_hub_cache_once_and_kept_only_if_standard(tmp_path, monkeypatch):
+    """Served from a local file:// URL: a file whose sha256 is not the standard one is deleted; the standard
+    one (here: this test's file, made standard by patching the expected digest) is kept in the torch hub
+    cache under the standard name and found there next time without downloading."""
+    import dpdm.evaluation.inception as inception
+    from dpdm.utils.checksums import sha256_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    served = tmp_path / "served" / "weights.pth"
+    served.parent.mkdir()
+    served.write_bytes(b"pretend these are the 2015-12-05 Inception weights")
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    with pytest.raises(FIDUnavailable, match="it was deleted"):
+        resolve_inception_weights(url=served.as_uri())
+    assert not any(hub.iterdir())
+    monkeypatch.setattr(inception, "INCEPTION_SHA256", sha256_file(served))
+    got = resolve_inception_weights(url=served.as_uri())
+    assert got == hub / INCEPTION_FILENAMES[0] and got.read_bytes() == served.read_bytes()
+    served.unlink()
+    assert resolve_inception_weights(url=served.as_uri()) == got   # cached: no second download
 
 
 def test_weights_found_in_the_hub_cache_are_checked(tmp_path, monkeypatch):
@@ -135,7 +162,8 @@ def test_weights_found_in_the_hub_cache_are_checked(tmp_path, monkeypatch):
 
 def test_evaluator_reports_fid_unavailable_and_never_substitutes(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    settings = EvalSettings.from_dict({"metrics": ["fid"], "cache_dir": str(tmp_path / "cache")})
+    settings = EvalSettings.from_dict({"metrics": ["fid"], "cache_dir": str(tmp_path / "cache"),
+                                       "fid": {"url": (tmp_path / "offline.pth").as_uri()}})
     evaluator = Evaluator(dataset="mnist", settings=settings)
     samples = LabeledImages(_images(20, 0, 256, 9), torch.arange(20) % 10)
     report = evaluator.evaluate(samples)

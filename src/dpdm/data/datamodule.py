@@ -1,8 +1,11 @@
-"""LightningDataModule over the cached datasets (MNIST, Fashion-MNIST, CelebA 32x32) with Poisson sampling."""
+"""LightningDataModule over the cached datasets (MNIST, Fashion-MNIST, CelebA 32x32, your own images) with
+Poisson sampling."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -10,8 +13,17 @@ import torch
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dpdm.data.cache import load_split
+from dpdm.data.cache import (
+    CHECKSUMS_FILE,
+    DatasetMissingError,
+    cache_problem,
+    dataset_dir,
+    default_data_dir,
+    load_split,
+)
+from dpdm.data.preparation import prepare
 from dpdm.data.registry import dataset_info
+from dpdm.data.user_data import USER_KINDS, UserDataset, import_user_data, load_user_data, user_cache_dir
 from dpdm.utils.images import from_uint8
 from dpdm.utils.seeds import derived_seed, os_seed
 
@@ -67,10 +79,20 @@ class ImageDataModule(pl.LightningDataModule):
         subset_size: int | None = None,
         seed: int = 0,
         sampler_seed: int | None = None,
+        path: str | None = None,
+        resolution: int | None = None,
+        examples_per_person: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.info = dataset_info(name)
+        # Built-in datasets are described by the registry; your own (data=image_folder|npz) by their import.
+        self.user_kind = name if name in USER_KINDS else None
+        self.info = None if self.user_kind else dataset_info(name)
+        self.user_meta: UserDataset | None = None
+        self.path, self.resolution = path, resolution
+        if self.user_kind and not path:
+            what = "folder of images" if name == "image_folder" else "npz file"
+            raise ValueError(f"data={name} needs data.path=<the {what}> (docs/data.md)")
         for label, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if int(value) < 1:
                 raise ValueError(f"{label} must be >= 1, got {value}")
@@ -78,6 +100,10 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"subset_size must be >= 1 or None, got {subset_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if int(examples_per_person) < 1:
+            raise ValueError(f"examples_per_person must be >= 1, got {examples_per_person}")
+        # The privacy unit is one example; with k per person, ε per person is reported too (group privacy).
+        self.examples_per_person = int(examples_per_person)
         self.name = name
         self.data_dir = data_dir
         self.batch_size = int(batch_size)
@@ -101,9 +127,33 @@ class ImageDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------ data
 
+    def _root(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve() if self.data_dir else default_data_dir()
+
+    def cache_problem(self) -> str | None:
+        """None once the verified cache holds this dataset, else why not."""
+        if self.user_kind:
+            directory = user_cache_dir(self.user_kind, self.path, data_dir=self._root(),
+                                       resolution=self.resolution)
+            return None if (directory / CHECKSUMS_FILE).is_file() else f"{directory} not imported yet"
+        return cache_problem(self.name, dataset_dir(self.name, self.data_dir))
+
+    def prepare_data(self) -> None:
+        """Fill the verified cache if this dataset is not in it yet (`dpdm-data` does the same ahead of
+        time; your own images are imported). Lightning calls this on one process per node; dpdm-train
+        calls it before `setup`, because the privacy plan needs N. Datasets that cannot be fetched
+        (celeba32) say what to do instead."""
+        if self.cache_problem() is None:
+            return
+        if self.user_kind:
+            import_user_data(self.user_kind, self.path, data_dir=self._root(), resolution=self.resolution,
+                             say=lambda m: print(m, file=sys.stderr, flush=True))
+        else:
+            prepare(self.name, data_dir=self.data_dir, progress=True)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
-            images, labels = load_split(self.name, "train", data_dir=self.data_dir)
+            images, labels = self._load_train()
             if self.subset_size is not None and self.subset_size < images.shape[0]:
                 # Own generator: choosing the subset must not advance the
                 # sampling stream (and stays the same for a given seed).
@@ -116,8 +166,18 @@ class ImageDataModule(pl.LightningDataModule):
                     "the Poisson sample rate batch_size/num_train must be in (0, 1]"
                 )
             self.train_set = UInt8ImageDataset(images, labels)
-        if self.test_set is None and stage in (None, "fit", "validate", "test", "predict"):
+        if self.test_set is None and not self.user_kind and stage in (None, "fit", "validate", "test", "predict"):
             self.test_set = UInt8ImageDataset(*load_split(self.name, "test", data_dir=self.data_dir))
+
+    def _load_train(self):
+        if not self.user_kind:
+            return load_split(self.name, "train", data_dir=self.data_dir)
+        directory = user_cache_dir(self.user_kind, self.path, data_dir=self._root(), resolution=self.resolution)
+        if (directory / CHECKSUMS_FILE).is_file():
+            images, labels, self.user_meta = load_user_data(directory)
+            return images, labels
+        raise DatasetMissingError(f"data.path={self.path} is not imported yet (prepare_data imports it; "
+                                  "dpdm-train does so itself)")
 
     def _train(self) -> UInt8ImageDataset:
         if self.train_set is None:
@@ -126,6 +186,9 @@ class ImageDataModule(pl.LightningDataModule):
         return self.train_set
 
     def _test(self) -> UInt8ImageDataset:
+        if self.user_kind:
+            raise ValueError(f"data={self.user_kind} has no test split: the evaluation callbacks and metrics "
+                             "that compare with real test data need a built-in dataset")
         if self.test_set is None:
             self.setup("test")
         assert self.test_set is not None
@@ -146,13 +209,19 @@ class ImageDataModule(pl.LightningDataModule):
     def expected_batch_size(self) -> int:
         return self.batch_size
 
+    def _user_meta(self) -> UserDataset:
+        if self.user_meta is None:
+            self._train()
+        assert self.user_meta is not None
+        return self.user_meta
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return self.info.image_shape
+        return self._user_meta().image_shape if self.user_kind else self.info.image_shape
 
     @property
     def num_classes(self) -> int:
-        return self.info.num_classes
+        return self._user_meta().num_classes if self.user_kind else self.info.num_classes
 
     # ------------------------------------------------------------ loaders
 

@@ -135,4 +135,5 @@ def prepare(
 
     details = "; ".join(f"{src}: {err}" for src, err in failures)
     error = DatasetCorruptError if any(isinstance(e, DatasetCorruptError) for _, e in failures) else DatasetMissingError
-    raise error(f"could not prepare {name} ({details})")
+    raise error(f"could not prepare {name} ({details}). Fix the cause and rerun, or prepare it where it works "
+                f"with `dpdm-data {name}` and copy the folder {directory.name}/ into {directory.parent}.")

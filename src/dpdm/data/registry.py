@@ -96,8 +96,15 @@ def dataset_info(name: str) -> DatasetInfo:
     try:
         return DATASETS[name]
     except (KeyError, TypeError):
+        if name in ("image_folder", "npz"):  # your own data (user_data.py): no registry entry, no test split
+            raise ValueError(
+                f"data={name} is your own data: it has no registry entry and no public test split, so what "
+                f"needs one (FID and downstream accuracy against real test data) needs a built-in dataset: "
+                f"{', '.join(sorted(DATASETS))}"
+            ) from None
         raise ValueError(
-            f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}"
+            f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}, or your own images "
+            "with data=image_folder / data=npz (docs/data.md)"
         ) from None
 
 

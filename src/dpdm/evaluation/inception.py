@@ -2,13 +2,15 @@
 
 The standard weights are the 2015-12-05 TensorFlow Inception graph ported to PyTorch
 (torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`; pytorch-fid publishes the same file as
-`pt_inception-2015-12-05-6726825d.pth`). torchmetrics would download them at first use; here they are
-only ever read from a local file: `weights_path`, else the torch hub cache. When they are absent, or a
-file is not byte-identical to the standard one, FID is *unavailable* (`FIDUnavailable`, whose message
-says how to provide the file): another network's distance is never reported as FID.
+`pt_inception-2015-12-05-6726825d.pth`). They are read from `weights_path` if given, else from the torch
+hub cache; when the cache lacks them they are downloaded into it on first use (`fid.download`, on by
+default) and kept only if their sha256 is the standard one. Offline, or when a file is not byte-identical
+to the standard one, FID is *unavailable* (`FIDUnavailable`, whose message says how to provide the file):
+another network's distance is never reported as FID.
 """
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ __all__ = [
     "INCEPTION_SHA256",
     "INCEPTION_URL",
     "inception_frechet_distance",
+    "download_inception_weights",
     "resolve_inception_weights",
 ]
 
@@ -51,17 +54,49 @@ def _how_to_provide(looked_at: list[Path]) -> str:
             "fd_classifier is the offline progress metric.")
 
 
-def resolve_inception_weights(*, weights_path: str | Path | None = None, verify: bool = True) -> Path:
+def download_inception_weights(url: str = INCEPTION_URL, *, progress: bool = True) -> Path:
+    """Download the standard weights into the torch hub cache; kept only if the sha256 is the standard one.
+
+    Written to a temporary name first, so an interrupted or wrong download never sits where a later run
+    would find it. `FIDUnavailable` (with the reason and the manual way) when it cannot be done.
+    """
+    target = hub_checkpoint_dir() / INCEPTION_FILENAMES[0]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    # torch.hub's urlopen has no timeout of its own: behind a firewall that drops packets it would wait
+    # forever. A minute without data ends the attempt.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)
+    try:
+        torch.hub.download_url_to_file(url, str(partial), progress=progress)
+    except Exception as e:  # noqa: BLE001 - URLError, HTTPError, OSError, timeouts: all mean "not here"
+        partial.unlink(missing_ok=True)
+        raise FIDUnavailable(f"{_how_to_provide([target])} (Downloading {url} failed: {e})") from e
+    finally:
+        socket.setdefaulttimeout(previous)
+    if (digest := sha256_file(partial)) != INCEPTION_SHA256:
+        partial.unlink(missing_ok=True)
+        raise FIDUnavailable(f"FID unavailable: the file downloaded from {url} has sha256 {digest}, not the "
+                             f"standard {INCEPTION_SHA256}; it was deleted. {_how_to_provide([target])}")
+    partial.replace(target)
+    return target
+
+
+def resolve_inception_weights(*, weights_path: str | Path | None = None, verify: bool = True,
+                              download: bool = True, url: str = INCEPTION_URL) -> Path:
     """The local standard-weights file, or `FIDUnavailable` saying how to provide it.
 
     An explicit `weights_path` is the only place looked at when given (a typo must not fall back to
-    some other file). With `verify`, the file must have the standard sha256.
+    some other file, nor trigger a download). Otherwise the torch hub cache, downloading into it when
+    `download` and the file is not there yet. With `verify`, the file must have the standard sha256.
     """
     if weights_path is not None:
         candidates = [Path(weights_path).expanduser()]
     else:
         candidates = [hub_checkpoint_dir() / name for name in INCEPTION_FILENAMES]
     found = next((p for p in candidates if p.is_file()), None)
+    if found is None and weights_path is None and download:
+        found = download_inception_weights(url)
     if found is None:
         raise FIDUnavailable(_how_to_provide(candidates))
     if verify and (digest := sha256_file(found)) != INCEPTION_SHA256:

@@ -26,6 +26,7 @@ from dpdm.evaluation.downstream import (
 from dpdm.evaluation.frechet import FeatureStats, FrechetDistance, cached_feature_stats
 from dpdm.evaluation.inception import (
     INCEPTION_SHA256,
+    INCEPTION_URL,
     FIDUnavailable,
     inception_frechet_distance,
     resolve_inception_weights,
@@ -76,6 +77,8 @@ def private_data_metrics(settings: EvalSettings, metrics: dict[str, float]) -> s
 class FIDSettings:
     weights_path: str | None = None  # the standard Inception file; None: the torch hub cache
     verify_weights: bool = True      # require the standard file's sha256
+    download: bool = True            # fetch the standard file into the torch hub cache when it is missing
+    url: str = INCEPTION_URL         # where from (a mirror, or file:// for an offline copy)
     antialias: bool = False          # False: TF-1.x-compatible resize, as reference FIDs
     batch_size: int = 200
 
@@ -208,7 +211,8 @@ class Evaluator:
 
     def _inception(self) -> tuple[FrechetDistance, dict, str]:
         s = self.settings.fid
-        path = resolve_inception_weights(weights_path=s.weights_path, verify=s.verify_weights)
+        path = resolve_inception_weights(weights_path=s.weights_path, verify=s.verify_weights,
+                                         download=s.download, url=s.url)
         digest = INCEPTION_SHA256 if s.verify_weights else sha256_file(path)
         fd = inception_frechet_distance(weights_path=path, antialias=s.antialias, device=self.device)
         ident = {"weights": str(path), "weights_sha256": digest, "verified": s.verify_weights,

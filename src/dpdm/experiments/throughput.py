@@ -68,6 +68,7 @@ def measure_training_throughput(experiment: str, *, examples: int = 4, steps: in
                             *extra, *(overrides or [])])
     OmegaConf.resolve(cfg)  # as dpdm-train does: the data config interpolates privacy.enabled
     dm = instantiate(cfg.data)
+    dm.prepare_data()  # as dpdm-train: a missing built-in dataset is fetched and verified first
     dm.setup("fit")
     module, plan = build_module(cfg, dm)
     timer = _StepTimer(plan.noise_multiplicity, skip=warmup)

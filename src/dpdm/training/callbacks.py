@@ -11,6 +11,7 @@ import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
+from dpdm.privacy.accounting import group_privacy
 from dpdm.utils.configs import to_plain
 from dpdm.utils.images import save_image_grid, to_uint8
 from dpdm.utils.jsonio import write_json_atomic
@@ -25,6 +26,13 @@ def privacy_report(module) -> dict:
         report["target_epsilon"] = None
     report["mechanism"] = ("Poisson-subsampled Gaussian (DP-SGD): per-example clipping at C, "
                            "noise N(0, σ²C²) per step" if plan.enabled else "none (non-private)")
+    report["privacy_unit"] = "one example"
+    k = getattr(module, "examples_per_person", 1)
+    if plan.enabled and k > 1:
+        eps_k, delta_k = group_privacy(report["epsilon"], plan.delta, k)
+        report["per_person"] = {
+            "examples_per_person": k, "epsilon": eps_k, "delta": delta_k,
+            "bound": "group privacy of (ε, δ)-DP: (kε, δ(e^{kε}−1)/(e^ε−1)); loose, see docs/privacy.md"}
     return report
 
 
@@ -117,6 +125,9 @@ class DPProgressBar(TQDMProgressBar):
             self._eps = (now, pl_module.epsilon_spent())
         if plan.enabled and self._eps is not None:
             metrics["ε"] = f"{self._eps[1]:.3g}/{plan.target_epsilon:g}"
+            k = getattr(pl_module, "examples_per_person", 1)
+            if k > 1:
+                metrics[f"ε/person(k={k})"] = f"{group_privacy(self._eps[1], plan.delta, k)[0]:.3g}"
         total = trainer.estimated_stepping_batches
         if plan.enabled:
             total = min(total, plan.max_steps)

