@@ -76,3 +76,73 @@ def test_dry_run_lists_every_preset_and_its_control():
     for preset in ("mnist_eps10_cpu", "mnist_eps1_cpu", "fmnist_eps10_cpu"):
         assert f"dpdm-train experiment={preset} hydra.run.dir=" in proc.stdout
         assert f"dpdm-train experiment={preset} privacy=none hydra.run.dir=" in proc.stdout
+
+
+def _two_preset_study(tmp_path):
+    study = tmp_path / "cpu_mini.yaml"
+    study.write_text(yaml.safe_dump({
+        "train": [], "controls": False, "sample": {"n": 12000}, "samplers": {"preset": []},
+        "variants": {"mnist_eps10_cpu": ["experiment=mnist_eps10_cpu"],
+                     "mnist_eps1_cpu": ["experiment=mnist_eps1_cpu"]}}))
+    (tmp_path / "results" / "study").mkdir(parents=True)
+    return study
+
+
+def _curve(acc):
+    return [{"step": 58, "minutes": 4.8, "n": 2000, "acc_cnn": acc / 2, "agreement": 0.5},
+            {"step": 120, "minutes": 10.0, "n": 2000, "acc_cnn": acc, "agreement": 0.9}]
+
+
+def _curve_lines(page: Path) -> list[str]:
+    return [x for x in page.read_text().splitlines() if x.startswith("| `mnist_eps") and x.count("|") == 6]
+
+
+def test_curves_stay_on_the_page_when_the_run_dirs_are_gone(tmp_path):
+    """results/ keeps each preset's curve (<study>_curves.json): a fresh checkout has no runs/, and the
+    page must not lose a curve it showed."""
+    study, results = _two_preset_study(tmp_path), tmp_path / "results"
+    run = tmp_path / "runs" / "cpu_mini" / "mnist_eps10_cpu" / "dp"
+    _fake_run(run)
+    (run / "learning_curve.json").write_text(json.dumps({"points": _curve(0.88)}))
+    kwargs = dict(study_file=study, runs_dir=tmp_path / "runs", results_dir=results / "study",
+                  page=results / "cpu.md", report_only=True, progress=lambda *a: None)
+    reproduce_cpu(**kwargs)
+    kept = json.loads((results / "study" / "cpu_mini_curves.json").read_text())
+    assert kept["mnist_eps10_cpu"]["points"] == _curve(0.88) and "mnist_eps1_cpu" not in kept
+    before = _curve_lines(results / "cpu.md")
+    assert len(before) == 2 and "88.0%" in before[1]
+
+    import shutil
+    shutil.rmtree(tmp_path / "runs")
+    reproduce_cpu(**kwargs)
+    assert _curve_lines(results / "cpu.md") == before
+    assert (results / "cpu" / "learning_curve.png").stat().st_size > 1000
+
+
+def test_computing_one_presets_curve_keeps_the_others_stored_curve(tmp_path, monkeypatch):
+    """`dpdm-reproduce cpu --preset X` (re)computes X's curve only; every other preset's stored curve stays
+    on the page and in results/."""
+    from dpdm.experiments import cpu_results
+
+    study, results = _two_preset_study(tmp_path), tmp_path / "results"
+    runs = tmp_path / "runs" / "cpu_mini"
+    for variant in ("mnist_eps10_cpu", "mnist_eps1_cpu"):
+        _fake_run(runs / variant / "dp")
+    (runs / "mnist_eps10_cpu" / "dp" / "learning_curve.json").write_text(json.dumps({"points": _curve(0.88)}))
+    computed = []
+    monkeypatch.setattr(cpu_results, "run_study", lambda *a, **k: None)
+    monkeypatch.setattr("dpdm.evaluation.protocol.Evaluator", lambda **k: None)
+
+    def fake_curve(run_dir, **kw):
+        computed.append(run_dir.parent.name)
+        return _curve(0.77)
+
+    monkeypatch.setattr(cpu_results, "learning_curve", fake_curve)
+    reproduce_cpu(study_file=study, variants=["mnist_eps1_cpu"], runs_dir=tmp_path / "runs",
+                  results_dir=results / "study", page=results / "cpu.md", progress=lambda *a: None)
+    assert computed == ["mnist_eps1_cpu"]
+    lines = _curve_lines(results / "cpu.md")
+    assert [x.split("|")[1].strip() for x in lines] == ["`mnist_eps10_cpu`"] * 2 + ["`mnist_eps1_cpu`"] * 2
+    assert "88.0%" in lines[1] and "77.0%" in lines[3]
+    kept = json.loads((results / "study" / "cpu_mini_curves.json").read_text())
+    assert kept["mnist_eps1_cpu"]["points"] == _curve(0.77) and kept["mnist_eps10_cpu"]["points"] == _curve(0.88)

@@ -267,15 +267,22 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
     rows_path = results_dir / f"{study.name}.jsonl"
     rows = read_rows(rows_path) if rows_path.exists() else []
     assets = page.parent / page.stem
+    # The curves live beside the rows in results/, so the page keeps them when runs/ is gone (a fresh
+    # checkout): a run's own learning_curve.json is newer when it exists.
+    curves_path = results_dir / f"{study.name}_curves.json"
+    kept = read_json(curves_path) or {}
     curves: dict[str, list[dict]] = {}
     evaluators: dict = {}   # one per dataset
     for variant in study.variants:
         run_dir = runs_dir / study.name / variant / DP
         if not (run_dir / "summary.json").exists():
+            if variant in kept:
+                curves[variant] = kept[variant]["points"]
             continue
         if report_only or (variants is not None and variant not in variants):
             # Not (re)computed in this call: the page still shows the stored curve.
-            curves[variant] = (read_json(run_dir / CURVE_FILE) or {}).get("points", [])
+            stored = (read_json(run_dir / CURVE_FILE) or {}).get("points") or kept.get(variant, {}).get("points")
+            curves[variant] = stored or []
         else:
             dataset = run_dataset(run_dir)
             if dataset not in evaluators:
@@ -289,6 +296,11 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
         if grid.exists():
             assets.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(grid, assets / f"{variant}_grid.png")
+    for variant, points in curves.items():
+        if points and points != kept.get(variant, {}).get("points"):
+            kept[variant] = {"run_dir": str(runs_dir / study.name / variant / DP), "points": points}
+    if kept:
+        write_json_atomic(curves_path, kept)
     plot_learning_curves(curves, assets / "learning_curve.png")
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render_page(study, rows, curves, assets=assets, page=page, curve_n=curve_n,
