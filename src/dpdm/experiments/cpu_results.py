@@ -181,8 +181,9 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
         f"{study.sample_n - int(held_out):,} train LogReg / MLP / CNN (Adam 3e-4, batch 128, "
         f"up to {ds.get('max_epochs', 50)} epochs, early stop after {ds.get('patience')} without gain) and "
         f"{int(held_out):,} held-out synthetic samples select the epoch; accuracy on the real test set. The paper "
-        "uses 60,000 + 10,000. *Agreement*: a CNN trained on real MNIST (99.1% on its test set) labels the "
-        "samples; the share that matches the requested class. *fd_classifier*: Fréchet distance to the real test "
+        "uses 60,000 + 10,000. *Agreement*: a CNN trained on the real training split of the preset's dataset "
+        "(measured on the real test set: 99.1% for MNIST, 87.8% for Fashion-MNIST) labels the samples; the share "
+        "that matches the requested class. *fd_classifier*: Fréchet distance to the real test "
         "split in that CNN's features (lower is better; not FID). Each preset has a non-private control "
         "(`privacy=none`, same steps and batch): the gap between the two is the cost of privacy at this "
         "compute.", "",
