@@ -17,6 +17,7 @@ import torch
 
 from dpdm.evaluation.frechet import FrechetDistance
 from dpdm.utils.checksums import sha256_file
+from dpdm.utils.files import atomic_path
 
 __all__ = [
     "FIDUnavailable",
@@ -57,28 +58,26 @@ def _how_to_provide(looked_at: list[Path]) -> str:
 def download_inception_weights(url: str = INCEPTION_URL, *, progress: bool = True) -> Path:
     """Download the standard weights into the torch hub cache; kept only if the sha256 is the standard one.
 
-    Written to a temporary name first, so an interrupted or wrong download never sits where a later run
-    would find it. `FIDUnavailable` (with the reason and the manual way) when it cannot be done.
+    Written beside the target under a temporary name (utils.files.atomic_path), so an interrupted or wrong
+    download never sits where a later run would find it. `FIDUnavailable` (with the reason and the manual
+    way) when it cannot be done.
     """
     target = hub_checkpoint_dir() / INCEPTION_FILENAMES[0]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
     # torch.hub's urlopen has no timeout of its own: behind a firewall that drops packets it would wait
     # forever. A minute without data ends the attempt.
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)
     try:
-        torch.hub.download_url_to_file(url, str(partial), progress=progress)
-    except Exception as e:  # noqa: BLE001 - URLError, HTTPError, OSError, timeouts: all mean "not here"
-        partial.unlink(missing_ok=True)
-        raise FIDUnavailable(f"{_how_to_provide([target])} (Downloading {url} failed: {e})") from e
+        with atomic_path(target, suffix=".partial") as partial:
+            try:
+                torch.hub.download_url_to_file(url, str(partial), progress=progress)
+            except Exception as e:  # noqa: BLE001 - URLError, HTTPError, OSError, timeouts: all mean "not here"
+                raise FIDUnavailable(f"{_how_to_provide([target])} (Downloading {url} failed: {e})") from e
+            if (digest := sha256_file(partial)) != INCEPTION_SHA256:
+                raise FIDUnavailable(f"FID unavailable: the file downloaded from {url} has sha256 {digest}, not "
+                                     f"the standard {INCEPTION_SHA256}; it was deleted. {_how_to_provide([target])}")
     finally:
         socket.setdefaulttimeout(previous)
-    if (digest := sha256_file(partial)) != INCEPTION_SHA256:
-        partial.unlink(missing_ok=True)
-        raise FIDUnavailable(f"FID unavailable: the file downloaded from {url} has sha256 {digest}, not the "
-                             f"standard {INCEPTION_SHA256}; it was deleted. {_how_to_provide([target])}")
-    partial.replace(target)
     return target
 
 
