@@ -45,10 +45,9 @@ def tiny_denoiser(*, dtype=torch.float64, seed: int = 0, num_classes: int = 3,
 
 def compose_config(name: str, overrides=(), *, hydra_config: bool = False):
     """A config of conf/ (`train`, `sample`, `evaluate`) composed with overrides, as the CLI would see it."""
-    from hydra import compose, initialize_config_dir
+    from dpdm.utils.configs import compose
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        return compose(name, overrides=list(overrides), return_hydra_config=hydra_config)
+    return compose(name, overrides, hydra_config=hydra_config)
 
 
 class RecordingModule(DPDiffusionModule):

@@ -19,13 +19,14 @@ def to_plain(cfg: Any) -> Any:
     return cfg
 
 
-def compose(name: str, overrides=()):
-    """conf/<name>.yaml composed with `overrides`, as the console script of that name would see it."""
+def compose(name: str, overrides=(), *, hydra_config: bool = False):
+    """conf/<name>.yaml composed with `overrides`, as the console script of that name would see it
+    (`hydra_config`: with the `hydra` node, as a running app has it)."""
     from hydra import compose as _compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return _compose(name, list(overrides))
+        return _compose(name, list(overrides), return_hydra_config=hydra_config)
 
 
 def override_value(v: Any) -> str:
