@@ -114,3 +114,71 @@ def test_unknown_study_key_and_missing_file_are_refused(tmp_path):
     for path, msg in ((bad, "unknown keys"), (tmp_path / "none.yaml", "not found")):
         proc = subprocess.run([str(BIN / "dpdm-study"), "run", str(path)], capture_output=True, text=True)
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
+
+
+def _trained_run(run_dir: Path, overrides: list[str], wall: float) -> None:
+    """What dpdm-train leaves in a finished run dir, as far as a study reads it."""
+    from omegaconf import OmegaConf
+
+    from dpdm.utils.configs import compose
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(compose("train", [*overrides, "output_dir=x"]),
+                                                           resolve=True))
+    (run_dir / "summary.json").write_text(json.dumps({"optimizer_steps": 340, "wall_time_s": wall}))
+
+
+def test_a_run_trained_for_another_recipe_is_kept_aside_and_trained_again(tmp_path, monkeypatch):
+    """A preset changed after its run was trained (here its batch): the study must not reuse that run,
+    nor the row that scored it, and must not delete it either."""
+    from dpdm.experiments import study as study_mod
+    from dpdm.experiments.study import Study, _scored, recipe_changes, train_run
+
+    trained = []
+
+    def fake_dpdm_train(cmd, log_path):
+        run_dir = Path(next(a for a in cmd if a.startswith("hydra.run.dir=")).partition("=")[2])
+        overrides = [a for a in cmd[1:] if not a.startswith(("hydra.run.dir=", "+trainer."))]
+        _trained_run(run_dir, overrides, wall=100.0 + len(trained))
+        trained.append(overrides)
+        return 1.0
+
+    monkeypatch.setattr(study_mod, "_run", fake_dpdm_train)
+    study = Study(name="s", train=["experiment=fmnist_eps10_cpu"], variants={"v": []}, samplers={"own": "config"})
+    run = train_run(study, "v", "dp", tmp_path, progress=lambda *a: None)
+    assert len(trained) == 1 and recipe_changes(run, ["experiment=fmnist_eps10_cpu"]) == []
+    # Unchanged recipe: reused. A changed sampler or checkpoint schedule changes no weights: reused too.
+    study.train += ["sampler.guidance=1", "callbacks.model_checkpoint.every_n_epochs=1"]
+    said = []
+    assert train_run(study, "v", "dp", tmp_path, progress=said.append) == run and len(trained) == 1
+    assert "trained already" in said[0]
+    # Another batch size: the old run is moved aside whole and a new one trained in its place.
+    study.train += ["data.batch_size=1024", "optim.lr=3e-4"]
+    said = []
+    assert train_run(study, "v", "dp", tmp_path, progress=said.append) == run and len(trained) == 2
+    assert "data.batch_size: 1536 → 1024" in said[0] and "optim.lr: 0.001 → 0.0003" in said[0]
+    assert (tmp_path / "s" / "v" / "dp.old1" / "summary.json").exists()
+    # The row that scored the old run names the same directory but not this training run.
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"variant": "v", "mode": "dp", "sampler": "own", "run_dir": str(run),
+                                "sample_n": 10, "train_wall_s": 100.0, "acc_cnn": 0.5}) + "\n")
+    assert _scored(rows, "v", "dp", "own", run, 10, True, train_wall_s=100.0)
+    assert not _scored(rows, "v", "dp", "own", run, 10, True, train_wall_s=101.0)
+
+
+def test_runs_from_before_the_group_renames_are_still_their_recipe(tmp_path):
+    """Runs trained before `denoiser`/`noise` became `preconditioning`/`noise_levels` (and before optim
+    was a Hydra partial) store the old layout; the same recipe must not read as changed."""
+    import yaml as pyyaml
+
+    from dpdm.experiments.study import recipe_changes
+
+    run = tmp_path / "run"
+    _trained_run(run, ["experiment=mnist_eps10_cpu"], wall=1.0)
+    cfg = pyyaml.safe_load((run / "config.yaml").read_text())
+    cfg["denoiser"], cfg["noise"] = cfg.pop("preconditioning"), cfg.pop("noise_levels")
+    cfg["optim"] = {k: v for k, v in cfg["optim"].items() if not k.startswith("_")}
+    (run / "config.yaml").write_text(pyyaml.safe_dump(cfg))
+    assert recipe_changes(run, ["experiment=mnist_eps10_cpu"]) == []
+    assert recipe_changes(run, ["experiment=mnist_eps10_cpu", "noise_levels.log_sigma_shift=1.0"]) == [
+        "noise_levels.log_sigma_shift: 2.4 → 1.0"]

@@ -105,13 +105,71 @@ def _run(cmd: list[str], log_path: Path) -> float:
     return time.perf_counter() - t0
 
 
+# What a trained model and its privacy guarantee depend on. A run whose stored config.yaml differs from
+# what the study's overrides compose now in any of these was trained for another recipe (a preset was
+# changed since), so it is not reused. Samplers, callbacks and loggers are left out: they change no weights.
+RECIPE_KEYS = ("seed", "data.name", "data.batch_size", "data.subset_size", "data.path", "data.resolution",
+               "net", "preconditioning", "noise_levels", "loss", "optim", "ema", "trainer.max_steps",
+               "trainer.max_epochs", "privacy.enabled", "privacy.epsilon", "privacy.delta",
+               "privacy.max_grad_norm", "privacy.accountant", "privacy.noise_multiplier")
+# Set by dpdm-train from the data (which the keys above compare), so never a change of recipe.
+_FITTED_TO_DATA = {"net.img_resolution", "net.in_channels", "net.out_channels", "net.num_classes"}
+# Config groups renamed since older runs were trained: their config.yaml has the old name.
+_RENAMED_GROUPS = {"preconditioning": "denoiser", "noise_levels": "noise"}
+
+
+def run_overrides(study: Study, variant: str, mode: str) -> list[str]:
+    return study.train + study.variants[variant] + (["privacy=none"] if mode == NONPRIVATE else [])
+
+
+def recipe_changes(run_dir: Path, overrides: list[str]) -> list[str]:
+    """'key: stored → now' for every RECIPE_KEYS leaf where the trained run's config.yaml differs from
+    what `overrides` compose now; empty when the run is still the recipe asked for."""
+    from dpdm.utils.configs import compose, to_plain
+
+    stored = _load_yaml(run_dir / "config.yaml")
+    now = to_plain(compose("train", [*overrides, "output_dir=unused"]))
+    changes = []
+    for key in RECIPE_KEYS:
+        head, _, rest = key.partition(".")
+        then = stored.get(head, stored.get(_RENAMED_GROUPS.get(head, head)))
+        a, b = _leaves(_dig(then, rest)), _leaves(_dig(now.get(head), rest))
+        for leaf in sorted(set(a) | set(b)):
+            # Hydra's _target_/_partial_ keys that one side lacks come from a config layout, not a recipe.
+            layout_only = leaf.rpartition(".")[2].startswith("_") and (leaf not in a or leaf not in b)
+            if a.get(leaf) != b.get(leaf) and f"{key}{leaf}" not in _FITTED_TO_DATA and not layout_only:
+                changes.append(f"{key}{leaf}: {a.get(leaf)} → {b.get(leaf)}")
+    return changes
+
+
+def _dig(d, dotted: str):
+    for part in filter(None, dotted.split(".")):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _leaves(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d} if d is not None else {}
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}.{k}"))
+    return out
+
+
 def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=print) -> Path:
-    """Train one (variant, mode) run unless its summary.json exists; returns the run dir."""
+    """Train one (variant, mode) run unless a finished one (summary.json) of the same recipe exists;
+    returns the run dir. A finished run of another recipe is moved aside (kept) and trained again."""
     run_dir = runs_dir / study.name / variant / mode
+    overrides = run_overrides(study, variant, mode)
     if (run_dir / "summary.json").exists():
-        progress(f"[{study.name}] {variant}/{mode}: trained already ({run_dir})")
-        return run_dir
-    overrides = study.train + study.variants[variant] + (["privacy=none"] if mode == NONPRIVATE else [])
+        changes = recipe_changes(run_dir, overrides)
+        if not changes:
+            progress(f"[{study.name}] {variant}/{mode}: trained already ({run_dir})")
+            return run_dir
+        old = move_aside(run_dir)
+        progress(f"[{study.name}] {variant}/{mode}: the recipe changed since {run_dir} was trained "
+                 f"({'; '.join(changes)}); moved it to {old.name}, training again")
     progress(f"[{study.name}] {variant}/{mode}: training ({' '.join(overrides) or 'defaults'})")
     if run_dir.exists():  # a killed earlier attempt: start the run over, it has no result to keep
         import shutil
@@ -299,7 +357,8 @@ def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list
                 spec = configured_sampler(study, variant) if overrides == CONFIG_SAMPLER else None
                 out = run_dir / f"samples_{sampler}"
                 current = spec is None or same_sampler(drawn_with(out, run_dir / "checkpoints" / "last.ckpt"), spec)
-                if current and _scored(rows_path, variant, mode, sampler, run_dir, study.sample_n, downstream):
+                if current and _scored(rows_path, variant, mode, sampler, run_dir, study.sample_n, downstream,
+                                       facts["train_wall_s"]):
                     progress(f"    {variant}/{mode}/{sampler}: scored already ({rows_path})")
                     continue
                 samples, sample_wall = sample_run(study, run_dir, sampler, spec, progress)
@@ -319,12 +378,16 @@ def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list
     return rows_path
 
 
-def _scored(rows_path: Path, variant: str, mode: str, sampler: str, run_dir: Path, n: int, downstream: bool) -> bool:
-    """Whether this run's samples were scored already (with the downstream protocol, if asked for)."""
+def _scored(rows_path: Path, variant: str, mode: str, sampler: str, run_dir: Path, n: int, downstream: bool,
+            train_wall_s: float | None = None) -> bool:
+    """Whether this run's samples were scored already (with the downstream protocol, if asked for).
+    A row names its run by directory and training wall time: a run trained again in the same directory
+    (its recipe changed) is not the one an older row scored."""
     if not rows_path.exists():
         return False
     return any(r["variant"] == variant and r["mode"] == mode and r["sampler"] == sampler
                and r.get("run_dir") == str(run_dir) and r.get("sample_n") == n
+               and r.get("train_wall_s") == train_wall_s
                and (not downstream or "acc_cnn" in r) for r in read_rows(rows_path))
 
 
