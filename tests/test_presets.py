@@ -118,6 +118,25 @@ def _build_module(cfg):
     return build_module(cfg, SimpleNamespace(num_train=60_000, image_shape=(1, 28, 28), num_classes=10))[0]
 
 
+def test_the_net_is_fitted_to_the_data_once_and_the_model_builds_that_net():
+    """RGB 16×16 data with 3 classes: cfg.net is set from the data and the model group's net follows it
+    by interpolation (one copy to fit); a config resolved too early is refused, not built wrongly."""
+    from omegaconf import OmegaConf
+
+    from dpdm.training.builder import build_module
+
+    rgb = SimpleNamespace(num_train=500, image_shape=(3, 16, 16), num_classes=3)
+    cfg = _compose("train", ["experiment=smoke", "output_dir=unused"])
+    module = build_module(cfg, rgb)[0]
+    unet = module.denoiser.net
+    assert (unet.img_resolution, unet.in_channels, unet.out_channels, unet.num_classes) == (16, 3, 3, 3)
+    assert OmegaConf.is_interpolation(cfg.model, "net") and cfg.net.in_channels == 3
+    early = _compose("train", ["experiment=smoke", "output_dir=unused"])
+    OmegaConf.resolve(early)
+    with pytest.raises(ValueError, match="resolved before the net was fitted"):
+        build_module(early, rgb)
+
+
 @pytest.mark.parametrize("noise_levels", NOISE_LEVELS)
 @pytest.mark.parametrize("preconditioning", PRECONDITIONINGS)
 def test_preconditioning_noise_level_combinations_build(preconditioning, noise_levels):

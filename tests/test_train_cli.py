@@ -162,6 +162,46 @@ def test_a_missing_builtin_dataset_is_prepared_by_dpdm_train_itself(tmp_path, mo
     assert "mnist: verified" in proc.stderr
 
 
+def test_a_damaged_builtin_cache_is_reported_by_dpdm_train_with_what_to_do(tmp_path):
+    """prepare_data only checks that a cache was written; setup verifies its files as it reads them (each
+    file hashed once per run). A damaged one stops the run with one message and is left as it was."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "data" / "mnist", data / "mnist")
+    damaged = data / "mnist" / "test.npz"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    proc = _run([str(BIN / "dpdm-train"), *SHRINK, f"hydra.run.dir={tmp_path / 'r'}"],
+                env={"DPDM_DATA_DIR": str(data)})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "test.npz sha256" in proc.stderr and "dpdm-data mnist" in proc.stderr
+    assert damaged.stat().st_size == 1000 and not (tmp_path / "r" / "privacy.json").exists()
+
+
+def test_other_ranks_wait_for_the_cache_rank_zero_writes(monkeypatch):
+    from types import SimpleNamespace
+
+    from dpdm.cli.train import prepare_data_once
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    polls = []
+
+    def written_after_two_polls():
+        polls.append(1)
+        return len(polls) > 2
+
+    def not_on_this_rank():
+        raise AssertionError("only local rank 0 prepares the data")
+
+    dm = SimpleNamespace(name="mnist", cache_dir=Path("/nowhere/mnist"), is_prepared=written_after_two_polls,
+                         prepare_data=not_on_this_rank)
+    prepare_data_once(dm, poll_s=0)
+    assert len(polls) == 3
+    dm.is_prepared = lambda: False
+    with pytest.raises(TimeoutError, match="not prepared in /nowhere/mnist within 0 s"):
+        prepare_data_once(dm, wait_s=0, poll_s=0)
+
+
 def test_a_dataset_no_source_can_provide_says_how_to_get_it(tmp_path, monkeypatch):
     from dpdm.data import DatasetMissingError
     from dpdm.data.sources import pypi, torchvision

@@ -23,7 +23,6 @@ def run_training(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
     import torch
 
-    OmegaConf.resolve(cfg)  # one consistent, fully interpolated config for every component
     from dpdm.training.config_guard import check_mechanism_config
 
     check_mechanism_config(cfg)  # a config the accountant would not describe is refused before any write
@@ -38,7 +37,8 @@ def run_training(cfg: DictConfig) -> dict:
     dm = instantiate(cfg.data)
     prepare_data_once(dm)
     dm.setup("fit")
-    module, plan = build_module(cfg, dm)
+    module, plan = build_module(cfg, dm)  # fits cfg.net to the data; model.net follows by interpolation
+    OmegaConf.resolve(cfg)  # from here one consistent, fully interpolated config for every component
     log.info(describe_plan(plan, dm.examples_per_person))
     if cfg.ckpt_path is not None:  # refuse before anything in the run dir is (over)written
         check_resume(cfg.ckpt_path, plan, cfg.data)
@@ -115,15 +115,16 @@ def quiet_start_up():
 
 def prepare_data_once(dm, *, wait_s: float = 3600.0, poll_s: float = 2.0) -> None:
     """The data module's `prepare_data` on local rank 0 only (trainer=ddp starts one process per device
-    before any Lightning barrier exists); the other ranks wait for the verified cache to appear."""
+    before any Lightning barrier exists); the other ranks wait for rank 0's cache to be written, then
+    each verifies it as it reads it (`setup`)."""
     if os.environ.get("LOCAL_RANK", "0") == "0":
         dm.prepare_data()
         return
     deadline = time.monotonic() + wait_s
-    while (problem := dm.cache_problem()) is not None:
+    while not dm.is_prepared():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {os.environ['LOCAL_RANK']}: dataset {dm.name!r} was not prepared "
-                               f"within {wait_s:.0f} s ({problem}); prepare it first (`dpdm-data`)")
+            raise TimeoutError(f"rank {os.environ['LOCAL_RANK']}: dataset {dm.name!r} was not prepared in "
+                               f"{dm.cache_dir} within {wait_s:.0f} s; prepare it first (`dpdm-data`)")
         time.sleep(poll_s)
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "celeba_raw_dir",
     "dataset_dir",
     "default_data_dir",
+    "is_written",
     "load_split",
     "write_cache",
 ]
@@ -152,6 +153,12 @@ def write_cache(directory: str | Path, splits: Mapping[str, tuple[np.ndarray, np
     text = json.dumps(sums, indent=2, sort_keys=True) + "\n"
     _atomic_write(directory / CHECKSUMS_FILE, lambda f: f.write(text.encode()))
     return directory
+
+
+def is_written(directory: Path) -> bool:
+    """Whether a cache folder was written to the end: write_cache writes checksums.json last, so its
+    presence says a writer finished (not that the files are intact; reading them verifies that)."""
+    return (Path(directory) / CHECKSUMS_FILE).is_file()
 
 
 # ---------------------------------------------------------------- what to do when it is missing or damaged

@@ -3,6 +3,7 @@ Poisson sampling."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,14 +14,7 @@ import torch
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dpdm.data.cache import (
-    CHECKSUMS_FILE,
-    DatasetMissingError,
-    cache_problem,
-    dataset_dir,
-    default_data_dir,
-    load_split,
-)
+from dpdm.data.cache import DatasetMissingError, dataset_dir, default_data_dir, is_written, load_split
 from dpdm.data.preparation import prepare
 from dpdm.data.registry import dataset_info
 from dpdm.data.user_data import USER_KINDS, UserDataset, import_user_data, load_user_data, user_cache_dir
@@ -130,20 +124,25 @@ class ImageDataModule(pl.LightningDataModule):
     def _root(self) -> Path:
         return Path(self.data_dir).expanduser().resolve() if self.data_dir else default_data_dir()
 
-    def cache_problem(self) -> str | None:
-        """None once the verified cache holds this dataset, else why not."""
+    @functools.cached_property
+    def cache_dir(self) -> Path:
+        """Where this dataset's verified cache is. For your own images the folder's name hashes every
+        source file's size and time, so it is computed once per data module."""
         if self.user_kind:
-            directory = user_cache_dir(self.user_kind, self.path, data_dir=self._root(),
-                                       resolution=self.resolution)
-            return None if (directory / CHECKSUMS_FILE).is_file() else f"{directory} not imported yet"
-        return cache_problem(self.name, dataset_dir(self.name, self.data_dir))
+            return user_cache_dir(self.user_kind, self.path, data_dir=self._root(), resolution=self.resolution)
+        return dataset_dir(self.name, self.data_dir)
+
+    def is_prepared(self) -> bool:
+        """Whether the cache was written to the end. Its files are verified when `setup` reads them (once
+        per run: hashing a dataset twice would double the start-up time)."""
+        return is_written(self.cache_dir)
 
     def prepare_data(self) -> None:
         """Fill the verified cache if this dataset is not in it yet (`dpdm-data` does the same ahead of
         time; your own images are imported). Lightning calls this on one process per node; dpdm-train
         calls it before `setup`, because the privacy plan needs N. Datasets that cannot be fetched
-        (celeba32) say what to do instead."""
-        if self.cache_problem() is None:
+        (celeba32) say what to do instead. A damaged cache is reported by `setup`, with what to do."""
+        if self.is_prepared():
             return
         if self.user_kind:
             import_user_data(self.user_kind, self.path, data_dir=self._root(), resolution=self.resolution,
@@ -172,9 +171,8 @@ class ImageDataModule(pl.LightningDataModule):
     def _load_train(self):
         if not self.user_kind:
             return load_split(self.name, "train", data_dir=self.data_dir)
-        directory = user_cache_dir(self.user_kind, self.path, data_dir=self._root(), resolution=self.resolution)
-        if (directory / CHECKSUMS_FILE).is_file():
-            images, labels, self.user_meta = load_user_data(directory)
+        if self.is_prepared():
+            images, labels, self.user_meta = load_user_data(self.cache_dir)
             return images, labels
         raise DatasetMissingError(f"data.path={self.path} is not imported yet (prepare_data imports it; "
                                   "dpdm-train does so itself)")

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from dpdm.data.cache import (
-    CHECKSUMS_FILE,
     DatasetCorruptError,
     DatasetMissingError,
     Say,
@@ -26,6 +25,7 @@ from dpdm.data.cache import (
     check_arrays,
     check_digest,
     dataset_dir,
+    is_written,
     write_cache,
 )
 from dpdm.data.registry import DATASETS, PINS, SPLITS, Pins, dataset_info
@@ -109,7 +109,7 @@ def prepare(
     if problem is None:
         say(f"{name}: verified cache already in {directory}")
         return directory
-    if (directory / CHECKSUMS_FILE).exists():
+    if is_written(directory):
         say(f"{name}: existing cache is damaged, rebuilding ({problem})")
     if name == "celeba32":
         return _prepare_celeba(directory, raw_dir=raw_dir, say=say)

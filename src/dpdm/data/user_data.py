@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpdm.data.cache import CHECKSUMS_FILE, DatasetCorruptError, DatasetMissingError, load_verified, write_cache
+from dpdm.data.cache import DatasetCorruptError, DatasetMissingError, is_written, load_verified, write_cache
 
 __all__ = ["USER_KINDS", "BadDataError", "UserDataset", "import_user_data", "load_user_data", "user_cache_dir"]
 
@@ -256,7 +256,7 @@ def import_user_data(kind: str, path: str | Path, *, data_dir: str | Path, resol
     if resolution is not None and int(resolution) < 1:
         raise ValueError(f"data.resolution must be a positive number of pixels or null, got {resolution}")
     directory = user_cache_dir(kind, path, data_dir=data_dir, resolution=resolution)
-    if (directory / CHECKSUMS_FILE).is_file():
+    if is_written(directory):
         return directory
     source = _check_source(kind, path)
     read = read_image_folder if kind == "image_folder" else read_npz

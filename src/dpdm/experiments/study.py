@@ -21,6 +21,8 @@ diagnostics of docs/evaluation.md, cheap enough for a CPU search: the agreement 
 with the requested labels, and the Fréchet distance in that CNN's features to the real *test* split;
 `--downstream` adds the paper's LogReg / MLP / CNN protocol for confirmation runs. Rows are appended to
 results/study/<study>.jsonl; a finished training or sampling step is reused, so a killed study resumes.
+A finished run is reused only while its recipe (RECIPE_KEYS) is what the study's overrides compose now:
+after a preset changes, its old run is moved aside (kept) and trained again.
 """
 from __future__ import annotations
 

@@ -54,7 +54,6 @@ def measure_training_throughput(experiment: str, *, examples: int = 4, steps: in
     """Run `warmup + steps` real DP-SGD steps of `experiment=<experiment>` with `examples` examples per
     (expected) batch and time the last `steps`. The preset's K and network are kept."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from dpdm.training.builder import build_module
     from dpdm.utils.configs import compose
@@ -66,7 +65,6 @@ def measure_training_throughput(experiment: str, *, examples: int = 4, steps: in
     cfg = compose("train", [f"experiment={experiment}", "output_dir=unused", f"data.batch_size={examples}",
                             f"max_physical_batch_size={max(examples * 4, 1)}", "logger=none",
                             *extra, *(overrides or [])])
-    OmegaConf.resolve(cfg)  # as dpdm-train does: the data config interpolates privacy.enabled
     dm = instantiate(cfg.data)
     dm.prepare_data()  # as dpdm-train: a missing built-in dataset is fetched and verified first
     dm.setup("fit")

@@ -39,18 +39,20 @@ def build_module(cfg: DictConfig, dm):
 
 def fit_net_to_data(cfg: DictConfig, dm) -> list[str]:
     """The data decides the net's image size, channels and classes (one source of truth, nothing to edit
-    twice): `cfg.net` (and the model's copy of it) is set from `dm`; returns what changed. A net configured
-    unconditional (num_classes 0) stays so on labelled data."""
+    twice): `cfg.net` is set from `dm`; returns what changed. A net configured unconditional (num_classes
+    0) stays so on labelled data. The model group reads the net through its `${net}` interpolation, so
+    the config must not be resolved before this runs (dpdm-train resolves it after building)."""
+    if "model" in cfg and not OmegaConf.is_interpolation(cfg.model, "net"):
+        raise ValueError("model.net no longer interpolates ${net} (the config was resolved before the net was "
+                         "fitted to the data): build the module first, then resolve the config")
     c, h, w = dm.image_shape
     if h != w:
         raise ValueError(f"the data's images are {h}×{w}; the U-Net needs square images (data.resolution=)")
     wanted = {"img_resolution": h, "in_channels": c, "out_channels": c,
               "num_classes": dm.num_classes if cfg.net.get("num_classes", 0) else 0}
     changed = [f"net.{k} {cfg.net.get(k)} → {v}" for k, v in wanted.items() if cfg.net.get(k) != v]
-    for node in (cfg.net, (cfg.get("model") or {}).get("net")):
-        if node is not None:
-            for k, v in wanted.items():
-                node[k] = v
+    for k, v in wanted.items():
+        cfg.net[k] = v
     return changed
 
 
