@@ -1,6 +1,7 @@
 """Every config preset composes and runs: experiment presets (shrunk fast_dev_run on CPU), the
 denoiser × noise combinations (invalid ones refused), and every sampler preset through dpdm-sample.
 """
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -244,6 +245,69 @@ def test_dpdm_sample_class_options(tmp_path):
         _sample(tmp_path, [f"ckpt={uncond}", "sampler=ddim", "n=3", "classes=2"], "u2")
     with pytest.raises(ValueError, match="class-conditional"):
         _sample(tmp_path, [f"ckpt={uncond}", "sampler=ddim", "n=3", "sampler.guidance=1"], "u3")
+
+
+def test_an_interrupted_dpdm_sample_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    """Each batch is on disk as soon as it is drawn; the same command again draws only the rest and ends
+    with the very set an uninterrupted call draws. Another sampler's call neither uses nor removes them."""
+    import dpdm.diffusion.samplers as samplers
+
+    ckpt = _write_checkpoint(tmp_path / "c.ckpt")
+    args = [f"ckpt={ckpt}", "sampler=stochastic_ddim", "sampler.num_steps=3", "n=25", "batch_size=10"]
+    x_whole, y_whole = _sample(tmp_path, args, "whole")
+
+    drawn, stop_after = [], [20]
+    real = samplers.sample_from_seeds
+
+    def counting(denoiser, seeds, **kw):
+        if len(drawn) >= stop_after[0]:
+            raise KeyboardInterrupt  # the job is killed while drawing the third batch
+        drawn.extend(seeds)
+        return real(denoiser, seeds, **kw)
+
+    monkeypatch.setattr(samplers, "sample_from_seeds", counting)
+    with pytest.raises(KeyboardInterrupt):
+        _sample(tmp_path, args, "cut")
+    out = tmp_path / "cut"
+    assert not (out / "samples.npz").exists()
+    (parts,) = out.glob(".parts-*")
+    assert sorted(p.name for p in parts.glob("*.npz")) == ["000000000-000000010.npz", "000000010-000000020.npz"]
+
+    earlier = sum(float(np.load(p)["seconds"]) for p in parts.glob("*.npz"))
+
+    # A 4-step sampler in the same directory starts from sample 0 and leaves the 3-step batches alone.
+    drawn.clear()
+    stop_after[0] = 10**6
+    _sample(tmp_path, [*args, "sampler.num_steps=4"], "cut")
+    assert drawn == list(range(25))
+    assert [p.name for p in out.glob(".parts-*")] == [parts.name]
+
+    drawn.clear()
+    x, y = _sample(tmp_path, [*args, "overwrite=true"], "cut")
+    assert drawn == list(range(20, 25))
+    np.testing.assert_array_equal(x, x_whole)
+    np.testing.assert_array_equal(y, y_whole)
+    assert not list(out.glob(".parts-*"))  # the set is whole: its batches are gone
+    # The drawing time counts the earlier call's batches too, not only the last 5 samples.
+    record = json.loads((out / "sampler.json").read_text())
+    assert record["draw_s"] >= round(earlier, 1) > 0
+
+
+def test_sample_parts_count_only_an_unbroken_run_from_sample_zero(tmp_path):
+    from dpdm.utils.sample_parts import SampleParts
+
+    parts = SampleParts(tmp_path, {"sampler": "a"})
+    assert parts.drawn(10) == (None, 0.0)
+    rows = lambda a, b: np.arange(a, b, dtype=np.uint8).reshape(-1, 1, 1, 1)
+    parts.add(0, rows(0, 10), 4.0)
+    parts.add(5, rows(5, 15), 2.0)    # overlaps (another batch size): only 10 … 14 are new
+    parts.add(20, rows(20, 30), 9.0)  # after a gap: not used
+    x, seconds = parts.drawn(100)
+    assert x.ravel().tolist() == list(range(15)) and seconds == pytest.approx(4.0 + 1.0)
+    assert parts.drawn(7)[0].ravel().tolist() == list(range(7))
+    assert SampleParts(tmp_path, {"sampler": "b"}).drawn(100) == (None, 0.0)
+    (parts.dir / "000000005-000000015.npz").write_bytes(b"damaged")
+    assert parts.drawn(100)[0].ravel().tolist() == list(range(10))
 
 
 def test_sampler_presets_are_the_papers():

@@ -268,6 +268,9 @@ def sample_run(study: Study, run_dir: Path, sampler: str, spec: dict | None = No
     if wall is None:
         timing = read_json(out / "timing.json") or {}
         return out / "samples.npz", timing.get("wall_s")
+    # A set drawn over several calls (dpdm-sample resumes an interrupted one) took what dpdm-sample
+    # counted over all of them; this call's wall time is only the last part.
+    wall = max(wall, (read_json(out / "sampler.json") or {}).get("draw_s") or 0.0)
     (out / "timing.json").write_text(json.dumps({"wall_s": wall}) + "\n")
     progress(f"    sampled {study.sample_n} with {sampler} in {wall:.0f}s")
     return out / "samples.npz", wall
