@@ -146,3 +146,23 @@ def test_computing_one_presets_curve_keeps_the_others_stored_curve(tmp_path, mon
     assert "88.0%" in lines[1] and "77.0%" in lines[3]
     kept = json.loads((results / "study" / "cpu_mini_curves.json").read_text())
     assert kept["mnist_eps1_cpu"]["points"] == _curve(0.77) and kept["mnist_eps10_cpu"]["points"] == _curve(0.88)
+
+
+def test_the_page_shows_the_row_of_the_recipe_the_preset_composes_now(tmp_path):
+    """A preset changed back to an earlier recipe shows that recipe's row, not the newer row of the other;
+    a preset whose every row is of another recipe shows the newest, marked, with what differs."""
+    study = _two_preset_study(tmp_path)
+    results = tmp_path / "results"
+    rows = [_row("mnist_eps10_cpu", "dp", acc_cnn=0.926, lr=1e-3),                   # the preset's recipe
+            _row("mnist_eps10_cpu", "dp", acc_cnn=0.80, batch_size=1536, steps=280),  # newer, another recipe
+            _row("mnist_eps1_cpu", "dp", acc_cnn=0.70, lr=5e-4)]                       # only another recipe
+    (results / "study" / "cpu_mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = reproduce_cpu(study_file=study, runs_dir=tmp_path / "runs", results_dir=results / "study",
+                         page=results / "cpu.md", report_only=True, progress=lambda *a: None)
+    lines = page.read_text().splitlines()
+    eps10 = next(x for x in lines if x.startswith("| `mnist_eps10_cpu`"))
+    assert "92.6%" in eps10 and "80.0%" not in eps10 and "earlier recipe" not in eps10
+    eps1 = next(x for x in lines if x.startswith("| `mnist_eps1_cpu`"))
+    assert eps1.startswith("| `mnist_eps1_cpu` (earlier recipe) |") and "70.0%" in eps1
+    note = next(x for x in lines if x.startswith("**Earlier recipes.**"))
+    assert "`mnist_eps1_cpu` dp" in note and "lr differ" in note and "mnist_eps10_cpu" not in note

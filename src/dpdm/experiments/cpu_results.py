@@ -24,8 +24,9 @@ from dpdm.experiments.study import (
     configured_sampler,
     draw,
     drawn_with,
-    latest_rows,
+    preset_recipe,
     read_rows,
+    recipe_differences,
     run_dataset,
     run_study,
     same_sampler,
@@ -160,12 +161,27 @@ def _num(v, fmt="{:.1f}") -> str:
     return "–" if v is None else fmt.format(v)
 
 
+def rows_of_current_recipes(study: Study, rows: list[dict]) -> dict[str, dict[str, tuple[dict, list[str]]]]:
+    """Per variant and mode: the newest row of the recipe the preset composes now, else the newest row,
+    each with the recipe fields it differs in (empty when it is the preset's current recipe). A preset
+    changed back to an earlier recipe shows that recipe's row, not the newer one of the other."""
+    recipes = {v: preset_recipe(study, v) for v in study.variants}
+    picked: dict[str, dict[str, tuple[dict, list[str]]]] = {}
+    for r in rows:  # file order: newer rows come later
+        if r["variant"] not in recipes:
+            continue
+        diffs = recipe_differences(r, recipes[r["variant"]])
+        modes = picked.setdefault(r["variant"], {})
+        if r["mode"] not in modes or not diffs or modes[r["mode"]][1]:
+            modes[r["mode"]] = (r, diffs)
+    return picked
+
+
 def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *, assets: Path, page: Path,
                 curve_n: int, command: str) -> str:
     """The markdown of results/cpu.md from the study's rows and the curves (images are under `assets`)."""
-    by_variant: dict[str, dict[str, dict]] = {}
-    for r in latest_rows(rows):
-        by_variant.setdefault(r["variant"], {})[r["mode"]] = r
+    by_variant = rows_of_current_recipes(study, rows)
+    stale: list[str] = []
     ds = study.evaluation.get("downstream", {})
     held_out = ds.get("val_size", 10000)
     rel = lambda p: Path(p).relative_to(page.parent).as_posix() if p else None  # noqa: E731
@@ -193,23 +209,34 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant in study.variants:
         modes = by_variant.get(variant, {})
-        dp, ctl = modes.get(DP), modes.get(NONPRIVATE)
+        (dp, dp_diffs), (ctl, ctl_diffs) = modes.get(DP, (None, [])), modes.get(NONPRIVATE, (None, []))
         if dp is None:
             target = f"≥ {TARGETS[variant]:g}%" if variant in TARGETS else ""
             lines.append(f"| `{variant}` | not run | | | | | | | | | {target} | | | |")
             continue
+        for mode, diffs in ((DP, dp_diffs), (NONPRIVATE, ctl_diffs)):
+            if diffs:
+                stale.append(f"`{variant}` {mode}: its newest row was trained before the preset changed "
+                             f"({', '.join(diffs)} differ); `dpdm-reproduce cpu --preset {variant} --modes {mode}` "
+                             "measures the preset as it is now.")
         control = ("not run" if ctl is None else
-                   f"{_pct(ctl.get('acc_cnn'))} / {_pct(ctl.get('agreement'))} / {_num(ctl.get('fd_classifier_test'))}")
+                   f"{_pct(ctl.get('acc_cnn'))} / {_pct(ctl.get('agreement'))} / {_num(ctl.get('fd_classifier_test'))}"
+                   + (" (earlier recipe)" if ctl_diffs else ""))
         eps = dp.get("epsilon")
         lines.append("| " + " | ".join([
-            f"`{variant}`", "–" if eps is None else f"{eps:.4f}", _num(dp.get("sigma"), "{:.4g}"),
+            f"`{variant}`" + (" (earlier recipe)" if dp_diffs else ""), "–" if eps is None else f"{eps:.4f}",
+            _num(dp.get("sigma"), "{:.4g}"),
             str(dp.get("batch_size")), str(dp.get("steps")),
             "–" if dp.get("train_wall_s") is None else f"{dp['train_wall_s'] / 60:.1f} min",
             sampler_label(_sampler_of(dp)), _pct(dp.get("acc_logreg")), _pct(dp.get("acc_mlp")),
             _pct(dp.get("acc_cnn")),
             f"≥ {TARGETS[variant]:g}%" if variant in TARGETS else "", _pct(dp.get("agreement")),
             _num(dp.get("fd_classifier_test")), control]) + " |")
-    lines += ["", "ε comes from each run's privacy.json (the accountant over the steps that ran).", ""]
+    lines += ["", "ε comes from each run's privacy.json (the accountant over the steps that ran). Each cell shows "
+              "the newest row whose recipe (batch, steps, K, lr, net, noise levels) is what the preset composes "
+              "now.", ""]
+    if stale:
+        lines += ["**Earlier recipes.** " + " ".join(stale), ""]
     grids = [(v, assets / f"{v}_grid.png") for v in study.variants if (assets / f"{v}_grid.png").exists()]
     if grids:
         lines += ["## Samples", "", "One row per class, from the DP run's scored samples (first 10 of each class).", ""]

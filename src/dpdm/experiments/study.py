@@ -296,21 +296,54 @@ def run_facts(run_dir: Path) -> dict:
     """What the run was: the mechanism from privacy.json, its compute, its wall time."""
     privacy = read_json(run_dir / "privacy.json") or {}
     summary = read_json(run_dir / "summary.json") or {}
-    cfg = _load_yaml(run_dir / "config.yaml")
+    recipe = config_recipe(_load_yaml(run_dir / "config.yaml"))
     steps = int(summary.get("optimizer_steps") or 0)
-    B, K = int(cfg["data"]["batch_size"]), int(cfg["loss"]["noise_multiplicity"])
-    net = cfg["net"]
     return {
         "epsilon": privacy.get("epsilon"), "target_epsilon": privacy.get("target_epsilon"),
-        "delta": privacy.get("delta"),
-        "sigma": privacy.get("noise_multiplier"), "batch_size": B, "K": K, "steps": steps,
-        "noised_images": steps * B * K, "train_wall_s": summary.get("wall_time_s"),
-        "lr": cfg["optim"]["lr"], "net": {k: net[k] for k in ("model_channels", "channel_mult", "num_blocks",
-                                                               "attn_resolutions") if k in net}
+        "delta": privacy.get("delta"), "sigma": privacy.get("noise_multiplier"), **recipe, "steps": steps,
+        "noised_images": steps * recipe["batch_size"] * recipe["K"], "train_wall_s": summary.get("wall_time_s"),
+    }
+
+
+def config_recipe(cfg: dict) -> dict:
+    """The recipe a row records (batch, K, lr, net shape, noise levels), read from a train config."""
+    net = cfg["net"]
+    return {
+        "batch_size": int(cfg["data"]["batch_size"]), "K": int(cfg["loss"]["noise_multiplicity"]),
+        "lr": cfg["optim"]["lr"],
+        "net": {k: net[k] for k in ("model_channels", "channel_mult", "num_blocks", "attn_resolutions") if k in net}
         | {"patch_size": net.get("patch_size", 1)},
         # Runs before the `noise` group became `noise_levels` store it under "noise"; so do the rows.
         "noise": {k: v for k, v in (cfg.get("noise_levels") or cfg["noise"]).items() if k != "_target_"},
     }
+
+
+def preset_recipe(study: Study, variant: str) -> dict:
+    """The recipe a variant's overrides compose now, as its rows record it (steps: the step budget)."""
+    return copy.deepcopy(_composed_recipe((*study.train, *study.variants[variant])))
+
+
+@functools.cache
+def _composed_recipe(overrides: tuple[str, ...]) -> dict:
+    from dpdm.utils.configs import compose, to_plain
+
+    cfg = to_plain(compose("train", [*overrides, "output_dir=unused"]))
+    return config_recipe(cfg) | {"steps": int(cfg["trainer"]["max_steps"])}
+
+
+def recipe_differences(row: dict, recipe: dict) -> list[str]:
+    """The recipe fields in which a row differs from `recipe` (only those both record; a dict field, only
+    on the keys both have, so a row from before a field existed is not called different for it)."""
+    out = []
+    for key, want in recipe.items():
+        have = row.get(key)
+        if have is None:
+            continue
+        if isinstance(want, dict) and isinstance(have, dict):
+            out += [f"{key}.{k}" for k in sorted(want.keys() & have.keys()) if want[k] != have[k]]
+        elif have != want:
+            out.append(key)
+    return out
 
 
 def run_dataset(run_dir: Path) -> str:
