@@ -240,20 +240,28 @@ def test_trainer_max_steps_stops_the_run_and_the_accountant_plans_for_it(tmp_pat
     assert abs(p["epsilon"] - eps) < 1e-9 and 0.98 * p["target_epsilon"] < eps <= p["target_epsilon"]
 
 
-def test_sample_cli_uses_the_training_runs_sampler_unless_the_command_line_names_one(smoke_run, tmp_path):
+def test_sample_cli_uses_the_training_runs_sampler_with_the_keys_the_command_line_sets(smoke_run, tmp_path):
     ckpt = f"ckpt={smoke_run / 'checkpoints/last.ckpt'}"
-    own = _run([str(BIN / "dpdm-sample"), ckpt, "n=10", f"out={tmp_path / 'own'}"])
-    assert own.returncode == 0, own.stderr[-3000:]
-    log = own.stdout + own.stderr
+
+    def sample(name, *args):
+        proc = _run([str(BIN / "dpdm-sample"), ckpt, "n=10", f"out={tmp_path / name}", *args])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return np.load(tmp_path / name / "samples.npz")["x"], proc.stdout + proc.stderr
+
+    x_own, log = sample("own")
     assert "training run's sampler" in log and "guidance=1.5" in log and "sigma_min=0.05" in log
-    explicit = [f"sampler.{o}" for o in ("num_steps=2", "guidance=1.5", "sigma_min=0.05")]
-    same = _run([str(BIN / "dpdm-sample"), ckpt, "n=10", f"out={tmp_path / 'same'}", *explicit])
-    assert same.returncode == 0 and "training run's sampler" not in same.stdout + same.stderr
-    x_own, x_same = (np.load(tmp_path / d / "samples.npz")["x"] for d in ("own", "same"))
+    # Naming a sampler draws with that preset and the given keys only: here, the run's own values.
+    x_same, log = sample("same", "sampler=edm_heun", "sampler.num_steps=2", "sampler.guidance=1.5",
+                         "sampler.sigma_min=0.05")
+    assert "training run's sampler" not in log
     assert np.array_equal(x_own, x_same)  # the stored sampler is exactly the run's
-    other = _run([str(BIN / "dpdm-sample"), ckpt, "n=10", f"out={tmp_path / 'other'}", "sampler.num_steps=2"])
-    assert other.returncode == 0
-    assert not np.array_equal(np.load(tmp_path / "other" / "samples.npz")["x"], x_own)  # guidance 0 now
+    # One key alone changes that key of the run's sampler (2 steps, σ_min 0.05 stay), not the preset's
+    # defaults (32 steps, σ_min 0.002).
+    x_w0, log = sample("w0", "sampler.guidance=0")
+    assert "changed on the command line: guidance" in log and "guidance=0" in log
+    x_w0_named, _ = sample("w0_named", "sampler=edm_heun", "sampler.num_steps=2", "sampler.sigma_min=0.05",
+                           "sampler.guidance=0")
+    assert np.array_equal(x_w0, x_w0_named) and not np.array_equal(x_w0, x_own)
 
 
 def test_sample_grid_has_one_row_per_class():

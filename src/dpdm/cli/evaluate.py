@@ -62,7 +62,7 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
         load_checkpoint,
         load_ema_denoiser,
         sampler_for,
-        sampler_overridden,
+        sampler_on_command_line,
     )
 
     ckpt = load_checkpoint(path)
@@ -76,7 +76,7 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
     wants_held_out = "downstream" in settings.metrics
     held_out = settings.downstream.held_out_count(int(cfg.num_samples)) if wants_held_out else 0
 
-    sampler = sampler_for(ckpt, cfg.sampler, sampler_overridden(), log=log.info)
+    sampler = sampler_for(ckpt, cfg.sampler, sampler_on_command_line(), log=log.info)
 
     def sample_fn(seeds, labels):
         # Seeds are consecutive from seeds[0], as draw_samples numbers them; it batches and logs progress.

@@ -83,7 +83,7 @@ def run_sampling(cfg: DictConfig) -> Path:
         load_checkpoint,
         load_ema_denoiser,
         sampler_for,
-        sampler_overridden,
+        sampler_on_command_line,
     )
     from dpdm.utils.images import save_image_grid
     from dpdm.utils.jsonio import write_json_atomic
@@ -99,7 +99,7 @@ def run_sampling(cfg: DictConfig) -> Path:
     denoiser = prepare_for_sampling(load_ema_denoiser(ckpt), device, channels_last=cfg.channels_last,
                                     compile=cfg.compile)
     labels = class_labels_for(cfg.classes, cfg.n, denoiser.net.num_classes)
-    sampler = sampler_for(ckpt, cfg.sampler, sampler_overridden(), log=log.info)
+    sampler = sampler_for(ckpt, cfg.sampler, sampler_on_command_line(), log=log.info)
     # Each batch goes to disk as it is drawn; a call interrupted earlier (a session's end, a killed job)
     # left its batches under a name that says what drew them, and this call goes on after them.
     parts = SampleParts(out, {"ckpt_sha256": sha256_file(cfg.ckpt), "sampler": sampler, "seed": int(cfg.seed),

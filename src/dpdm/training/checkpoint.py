@@ -59,29 +59,52 @@ def checkpoint_sampler(ckpt: dict) -> dict | None:
     return (ckpt["dpdm"].get("build_config") or {}).get("sampler")
 
 
-def sampler_for(ckpt: dict, configured, overridden: bool, log=None) -> dict:
-    """The sampler to draw with: the command line's when it names one (`sampler=`, `sampler.*=`), else the
-    training run's own (a preset's guidance and grid travel with its checkpoint), else the configured one."""
+def sampler_for(ckpt: dict, configured, command_line: tuple[bool, frozenset[str]], log=None) -> dict:
+    """The sampler to draw with.
+
+    `command_line` is (whether it names a sampler, the sampler keys it sets), as `sampler_on_command_line`
+    reads them. A named sampler (`sampler=ddim ...`) is used as configured. Otherwise the training run's
+    own sampler (a preset's grid and guidance travel with its checkpoint) is the base, and keys set on the
+    command line (`sampler.guidance=1`) change just those keys of it: "this run's sampler with w = 1".
+    Without a stored sampler (checkpoints from before presets stored one), the configured one.
+    """
     from dpdm.utils.configs import to_plain
 
+    named, keys = command_line
     stored = checkpoint_sampler(ckpt)
-    if overridden or not stored:
-        return dict(to_plain(configured))
+    configured = dict(to_plain(configured))
+    if named or not stored:
+        return configured
+    chosen = dict(stored)
+    for key in keys:
+        if key in configured:
+            chosen[key] = configured[key]
+        else:  # ~sampler.<key>
+            chosen.pop(key, None)
     if log is not None:
-        shown = ", ".join(f"{k}={v}" for k, v in stored.items() if k in ("name", "num_steps", "guidance", "sigma_min"))
-        log(f"sampling with the training run's sampler ({shown}); pass sampler=... or sampler.<key>=... to change it")
-    return dict(stored)
+        shown = ", ".join(f"{k}={chosen[k]}" for k in ("name", "num_steps", "guidance", "sigma_min") if k in chosen)
+        changed = f"; changed on the command line: {', '.join(sorted(keys))}" if keys else ""
+        log(f"sampling with the training run's sampler ({shown}){changed}. sampler.<key>=... changes one key "
+            "of it, sampler=<name> draws with another sampler's preset instead")
+    return chosen
 
 
-def sampler_overridden() -> bool:
-    """Whether this Hydra command line sets the sampler group or any of its keys (True outside a Hydra
-    main, e.g. a config composed in code: then the composed sampler is what the caller asked for)."""
+def sampler_on_command_line() -> tuple[bool, frozenset[str]]:
+    """(whether this Hydra command line names the sampler group, the sampler keys it sets or deletes).
+    Outside a Hydra main (a config composed in code) the composed sampler is what the caller asked for:
+    (True, ∅)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return True
-    return any(o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] == "sampler"
-               for o in HydraConfig.get().overrides.task)
+        return True, frozenset()
+    named, keys = False, set()
+    for override in HydraConfig.get().overrides.task:
+        path = override.lstrip("+~").split("=", 1)[0]
+        if path == "sampler":
+            named = True
+        elif path.startswith("sampler."):
+            keys.add(path.split(".", 2)[1])
+    return named, frozenset(keys)
 
 
 def preconditioning_config(build_config: dict) -> dict:
