@@ -3,8 +3,9 @@
     python scripts/study/score_npz.py <rows.jsonl> <label>=<samples.npz> [<label>=<samples.npz> ...]
 
 The protocol of results/cpu.md's learning curve: the downstream CNN trained on the samples with a fifth
-held out for model selection, tested on the real MNIST test split; plus agreement and fd_classifier
-against the test split. A label ending in `+median3` or `+threshold<T>` scores the samples after that
+held out for model selection, tested on the real test split of the samples' dataset (stored in the
+npz by dpdm-sample; MNIST when absent); plus agreement and fd_classifier against that test split. A label
+ending in `+median3` or `+threshold<T>` scores the samples after that
 data-independent clean-up (post-processing of DP samples: no private data is touched).
 """
 import json
@@ -39,14 +40,19 @@ def clean(label: str, s: LabeledImages) -> LabeledImages:
 def main(out: str, *pairs: str) -> None:
     # results/cpu.md's study settings (30 epochs, patience 5) under the curve's protocol.
     settings = curve_settings(Study.load(STUDY_FILE).evaluation)
-    ev = Evaluator(dataset="mnist", settings=settings, data_dir=os.environ.get("DPDM_DATA_DIR", "data"))
+    evaluators = {}
     for pair in pairs:
         label, path = pair.split("=", 1)
-        samples, _ = samples_from_npz(path)
+        samples, dataset = samples_from_npz(path)
+        dataset = dataset or "mnist"
+        if dataset not in evaluators:
+            evaluators[dataset] = Evaluator(dataset=dataset, settings=settings,
+                                            data_dir=os.environ.get("DPDM_DATA_DIR", "data"))
         t = time.time()
-        m = ev.evaluate(clean(label, samples),
+        m = evaluators[dataset].evaluate(clean(label, samples),
                         metrics=["downstream", "real_cnn_on_synthetic", "fd_classifier"]).metrics
-        row = {"variant": label, "n": len(samples), "samples": path, "acc_cnn": m.get("eval/acc_cnn"),
+        row = {"variant": label, "dataset": dataset, "n": len(samples), "samples": path,
+               "acc_cnn": m.get("eval/acc_cnn"),
                "agreement": m.get("eval/real_cnn_acc_on_synthetic"),
                "fd_classifier": m.get("eval/fd_classifier_test"), "score_s": round(time.time() - t)}
         print(json.dumps(row), flush=True)
