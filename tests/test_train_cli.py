@@ -255,13 +255,13 @@ def test_sample_cli_uses_the_training_runs_sampler_with_the_keys_the_command_lin
                          "sampler.sigma_min=0.05")
     assert "training run's sampler" not in log
     assert np.array_equal(x_own, x_same)  # the stored sampler is exactly the run's
-    # One key alone changes that key of the run's sampler (2 steps, σ_min 0.05 stay), not the preset's
-    # defaults (32 steps, σ_min 0.002).
-    x_w0, log = sample("w0", "sampler.guidance=0")
-    assert "changed on the command line: guidance" in log and "guidance=0" in log
-    x_w0_named, _ = sample("w0_named", "sampler=edm_heun", "sampler.num_steps=2", "sampler.sigma_min=0.05",
-                           "sampler.guidance=0")
-    assert np.array_equal(x_w0, x_w0_named) and not np.array_equal(x_w0, x_own)
+    # One key alone changes that key of the run's sampler (2 steps and w = 1.5 stay), not the preset's
+    # defaults (32 steps, w = 0).
+    x_key, log = sample("key", "sampler.sigma_min=0.1")
+    assert "changed on the command line: sigma_min" in log and "guidance=1.5" in log
+    x_named, _ = sample("named", "sampler=edm_heun", "sampler.num_steps=2", "sampler.guidance=1.5",
+                        "sampler.sigma_min=0.1")
+    assert np.array_equal(x_key, x_named) and not np.array_equal(x_key, x_own)
 
 
 def test_sample_grid_has_one_row_per_class():
