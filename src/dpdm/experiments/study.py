@@ -127,10 +127,8 @@ def run_overrides(study: Study, variant: str, mode: str) -> list[str]:
 def recipe_changes(run_dir: Path, overrides: list[str]) -> list[str]:
     """'key: stored → now' for every RECIPE_KEYS leaf where the trained run's config.yaml differs from
     what `overrides` compose now; empty when the run is still the recipe asked for."""
-    from dpdm.utils.configs import compose, to_plain
-
     stored = _load_yaml(run_dir / "config.yaml")
-    now = to_plain(compose("train", [*overrides, "output_dir=unused"]))
+    now = composed_config(tuple(overrides))
     changes = []
     for key in RECIPE_KEYS:
         head, _, rest = key.partition(".")
@@ -185,15 +183,20 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
 
 def configured_sampler(study: Study, variant: str) -> dict:
     """The `sampler:` of a variant's training config as conf/ composes it now (resolved)."""
-    return copy.deepcopy(_composed_sampler((*study.train, *study.variants[variant])))
+    return composed_config((*study.train, *study.variants[variant]))["sampler"]
+
+
+def composed_config(overrides: tuple[str, ...]) -> dict:
+    """The train config `overrides` compose now (plain, resolved; a copy the caller may change)."""
+    return copy.deepcopy(_composed(overrides))
 
 
 @functools.cache
-def _composed_sampler(overrides: tuple[str, ...]) -> dict:
-    # Composing costs a second or two; a study asks once per (variant, mode, sampler) and per curve.
+def _composed(overrides: tuple[str, ...]) -> dict:
+    # Composing costs a second or two; a study asks per (variant, mode, sampler), per curve and per page row.
     from dpdm.utils.configs import compose, to_plain
 
-    return to_plain(compose("train", [*overrides, "output_dir=unused"]).sampler)
+    return to_plain(compose("train", [*overrides, "output_dir=unused"]))
 
 
 def sampler_overrides(spec: dict) -> list[str]:
@@ -269,8 +272,8 @@ def sample_run(study: Study, run_dir: Path, sampler: str, spec: dict | None = No
         timing = read_json(out / "timing.json") or {}
         return out / "samples.npz", timing.get("wall_s")
     # A set drawn over several calls (dpdm-sample resumes an interrupted one) took what dpdm-sample
-    # counted over all of them; this call's wall time is only the last part.
-    wall = max(wall, (read_json(out / "sampler.json") or {}).get("draw_s") or 0.0)
+    # counted over all of them (draw_s); this call's wall time is only the last part.
+    wall = (read_json(out / "sampler.json") or {}).get("draw_s") or wall
     (out / "timing.json").write_text(json.dumps({"wall_s": wall}) + "\n")
     progress(f"    sampled {study.sample_n} with {sampler} in {wall:.0f}s")
     return out / "samples.npz", wall
@@ -320,14 +323,7 @@ def config_recipe(cfg: dict) -> dict:
 
 def preset_recipe(study: Study, variant: str) -> dict:
     """The recipe a variant's overrides compose now, as its rows record it (steps: the step budget)."""
-    return copy.deepcopy(_composed_recipe((*study.train, *study.variants[variant])))
-
-
-@functools.cache
-def _composed_recipe(overrides: tuple[str, ...]) -> dict:
-    from dpdm.utils.configs import compose, to_plain
-
-    cfg = to_plain(compose("train", [*overrides, "output_dir=unused"]))
+    cfg = composed_config((*study.train, *study.variants[variant]))
     return config_recipe(cfg) | {"steps": int(cfg["trainer"]["max_steps"])}
 
 
