@@ -6,6 +6,7 @@
 # rows compare with each other, not with results/cpu.md's 10,000 + 2,000 protocol.
 set -e
 cd "$(dirname "$0")/../.." && source .venv/bin/activate
-S=runs/study/cpu_presets/fmnist_eps10_cpu/dp/samples_preset/samples.npz
+# The B = 1536 run was moved aside when the preset changed recipe (dpdm-reproduce keeps it as dp.old1).
+S=runs/study/cpu_presets/fmnist_eps10_cpu/dp.old1/samples_preset/samples.npz
 python scripts/study/score_npz.py results/study/fmnist_cleanup.jsonl \
   "w0=$S" "w0+median3=$S" "w0+threshold51=$S"
