@@ -43,7 +43,7 @@ def test_page_has_each_preset_with_eps_accuracies_target_control_and_curve(tmp_p
     results = tmp_path / "results"
     (results / "study").mkdir(parents=True)
     heun = {"name": "edm_heun", "num_steps": 14, "sigma_min": 0.05, "guidance": 0.0}
-    rows = [_row("mnist_eps10_cpu", "dp", epsilon=9.9996, sigma=0.58, acc_logreg=0.81, acc_mlp=0.86, acc_cnn=0.923,
+    rows = [_row("mnist_eps10_cpu", "dp", epsilon=9.9999816, sigma=0.58, acc_logreg=0.81, acc_mlp=0.86, acc_cnn=0.923,
                  agreement=0.97, fd_classifier_test=120.5, sampler_spec=heun),
             _row("mnist_eps10_cpu", "nonprivate", epsilon=None, acc_cnn=0.975, agreement=0.995,
                  fd_classifier_test=40.0)]
@@ -57,10 +57,11 @@ def test_page_has_each_preset_with_eps_accuracies_target_control_and_curve(tmp_p
                          page=results / "cpu.md", report_only=True, progress=lambda *a: None)
     text = page.read_text()
     line = next(x for x in text.splitlines() if x.startswith("| `mnist_eps10_cpu`"))
-    for cell in ("9.9996", "0.58", "1024", "340", "45.0 min", "edm_heun 14, σ_min 0.05, w 0", "81.0%", "86.0%",
+    for cell in ("9.99999", "0.58", "1024", "340", "45.0 min", "edm_heun 14, σ_min 0.05, w 0", "81.0%", "86.0%",
                  "92.3%", "≥ 90%", "97.0%", "120.5",
                  "97.5% / 99.5% / 40.0"):
         assert cell in line, (cell, line)
+    assert "| `mnist_eps10_cpu` | 10.0000" not in text   # ε rounded up at the 5th decimal, not shown as 10
     assert "| `mnist_eps1_cpu` | not run |" in text
     assert "10,000 train LogReg / MLP / CNN" in text and "2,000 held-out" in text   # the n actually used
     assert "| `mnist_eps10_cpu` | 120 | 10.0 | 90.0% | 95.0% |" in text             # the curve's points

@@ -153,10 +153,10 @@ def test_a_run_trained_for_another_recipe_is_kept_aside_and_trained_again(tmp_pa
     assert train_run(study, "v", "dp", tmp_path, progress=said.append) == run and len(trained) == 1
     assert "trained already" in said[0]
     # Another batch size: the old run is moved aside whole and a new one trained in its place.
-    study.train += ["data.batch_size=1024", "optim.lr=3e-4"]
+    study.train += ["data.batch_size=512", "optim.lr=3e-4"]
     said = []
     assert train_run(study, "v", "dp", tmp_path, progress=said.append) == run and len(trained) == 2
-    assert "data.batch_size: 1536 → 1024" in said[0] and "optim.lr: 0.001 → 0.0003" in said[0]
+    assert "data.batch_size: 1024 → 512" in said[0] and "optim.lr: 0.001 → 0.0003" in said[0]
     assert (tmp_path / "s" / "v" / "dp.old1" / "summary.json").exists()
     # The row that scored the old run names the same directory but not this training run.
     rows = tmp_path / "rows.jsonl"

@@ -12,6 +12,7 @@ times step / total steps (DP-SGD steps are equally expensive; the checkpoint fil
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import re
 import shutil
 from pathlib import Path
@@ -153,6 +154,13 @@ def sampler_label(spec: dict | None) -> str:
             f"w {spec.get('guidance', 0.0):g}")
 
 
+def _epsilon_cell(eps) -> str:
+    """ε rounded *up* at the fifth decimal: a shown ε is never below the accountant's, and a run that spent
+    9.99998 of a budget of 10 does not read as 10.0000."""
+    if eps is None:
+        return "–"
+    return f"{math.ceil(eps * 1e5 - 1e-9) / 1e5:.5f}"
+
 def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
@@ -224,7 +232,7 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
                    + (" (earlier recipe)" if ctl_diffs else ""))
         eps = dp.get("epsilon")
         lines.append("| " + " | ".join([
-            f"`{variant}`" + (" (earlier recipe)" if dp_diffs else ""), "–" if eps is None else f"{eps:.4f}",
+            f"`{variant}`" + (" (earlier recipe)" if dp_diffs else ""), _epsilon_cell(eps),
             _num(dp.get("sigma"), "{:.4g}"),
             str(dp.get("batch_size")), str(dp.get("steps")),
             "–" if dp.get("train_wall_s") is None else f"{dp['train_wall_s'] / 60:.1f} min",
@@ -232,7 +240,8 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
             _pct(dp.get("acc_cnn")),
             f"≥ {TARGETS[variant]:g}%" if variant in TARGETS else "", _pct(dp.get("agreement")),
             _num(dp.get("fd_classifier_test")), control]) + " |")
-    lines += ["", "ε comes from each run's privacy.json (the accountant over the steps that ran). Each cell shows "
+    lines += ["", "ε comes from each run's privacy.json (the accountant over the steps that ran), rounded up at the "
+              "fifth decimal. Each cell shows "
               "the newest row whose recipe (batch, steps, K, lr, net, noise levels) is what the preset composes "
               "now.", ""]
     if stale:
