@@ -182,3 +182,33 @@ def test_runs_from_before_the_group_renames_are_still_their_recipe(tmp_path):
     assert recipe_changes(run, ["experiment=mnist_eps10_cpu"]) == []
     assert recipe_changes(run, ["experiment=mnist_eps10_cpu", "noise_levels.log_sigma_shift=1.0"]) == [
         "noise_levels.log_sigma_shift: 2.4 → 1.0"]
+
+
+def test_variants_whose_controls_compose_the_same_recipe_share_one_control_run(tmp_path, monkeypatch):
+    """privacy=none erases the only difference between an ε = 10 and an ε = 1 preset: their non-private
+    controls are one training run, trained once; their DP runs stay separate."""
+    from dpdm.experiments import study as study_mod
+    from dpdm.experiments.study import Study, train_run
+
+    trained = []
+
+    def fake_dpdm_train(cmd, log_path):
+        run_dir = Path(next(a for a in cmd if a.startswith("hydra.run.dir=")).partition("=")[2])
+        _trained_run(run_dir, [a for a in cmd[1:] if not a.startswith(("hydra.run.dir=", "+trainer."))], 100.0)
+        trained.append(run_dir)
+        return 1.0
+
+    monkeypatch.setattr(study_mod, "_run", fake_dpdm_train)
+    study = Study(name="s", train=["experiment=mnist_eps10_cpu"],
+                  variants={"eps10": [], "eps1": ["privacy=eps1"], "wide": ["net.model_channels=40"]},
+                  samplers={"own": "config"})
+    quiet = lambda *a: None  # noqa: E731
+    first = train_run(study, "eps10", "nonprivate", tmp_path, progress=quiet)
+    said = []
+    assert train_run(study, "eps1", "nonprivate", tmp_path, progress=said.append) == first
+    assert len(trained) == 1 and "reuses" in said[0]
+    # Another recipe (a wider net) and the DP runs (their σ differ) train their own.
+    assert train_run(study, "wide", "nonprivate", tmp_path, progress=quiet) != first
+    assert train_run(study, "eps10", "dp", tmp_path, progress=quiet) != train_run(study, "eps1", "dp", tmp_path,
+                                                                                   progress=quiet)
+    assert len(trained) == 4

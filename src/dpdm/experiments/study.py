@@ -22,7 +22,9 @@ with the requested labels, and the Fréchet distance in that CNN's features to t
 `--downstream` adds the paper's LogReg / MLP / CNN protocol for confirmation runs. Rows are appended to
 results/study/<study>.jsonl; a finished training or sampling step is reused, so a killed study resumes.
 A finished run is reused only while its recipe (RECIPE_KEYS) is what the study's overrides compose now:
-after a preset changes, its old run is moved aside (kept) and trained again.
+after a preset changes, its old run is moved aside (kept) and trained again. A variant whose run would compose
+the same recipe as another variant's finished one (the non-private controls of presets that differ only in ε)
+reuses that run.
 """
 from __future__ import annotations
 
@@ -162,6 +164,10 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
     returns the run dir. A finished run of another recipe is moved aside (kept) and trained again."""
     run_dir = runs_dir / study.name / variant / mode
     overrides = run_overrides(study, variant, mode)
+    if not (run_dir / "summary.json").exists() and (twin := _same_recipe_run(study, variant, mode, runs_dir)):
+        progress(f"[{study.name}] {variant}/{mode}: the same recipe as {twin} (trained for "
+                 f"{twin.parent.name}), which it reuses")
+        return twin
     if (run_dir / "summary.json").exists():
         changes = recipe_changes(run_dir, overrides)
         if not changes:
@@ -179,6 +185,18 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
                  "+trainer.enable_progress_bar=false"], run_dir.parent / f"{mode}.log")
     progress(f"[{study.name}] {variant}/{mode}: trained in {wall:.0f}s")
     return run_dir
+
+
+def _same_recipe_run(study: Study, variant: str, mode: str, runs_dir: Path) -> Path | None:
+    """Another variant's finished run of this mode whose recipe is this variant's. Non-private controls
+    are where this happens: `privacy=none` makes mnist_eps10_cpu and mnist_eps1_cpu the same training run,
+    and training it twice would cost an hour for nothing."""
+    overrides = run_overrides(study, variant, mode)
+    for other in study.variants:
+        run = runs_dir / study.name / other / mode
+        if other != variant and (run / "summary.json").exists() and not recipe_changes(run, overrides):
+            return run
+    return None
 
 
 def configured_sampler(study: Study, variant: str) -> dict:
