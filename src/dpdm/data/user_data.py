@@ -118,7 +118,8 @@ def _stack(images: list, files: Sequence[str], resolution: int | None, root: Pat
     import torch
 
     if resolution is not None:
-        return torch.stack([_to_square(torch.as_tensor(x), resolution) for x in images]).numpy()
+        # A copy: decoded images may be read-only arrays, which torch would only warn about sharing.
+        return torch.stack([_to_square(torch.tensor(x), resolution) for x in images]).numpy()
     sizes: dict[tuple[int, int], list[str]] = {}
     for x, f in zip(images, files, strict=True):
         sizes.setdefault(tuple(x.shape[-2:]), []).append(f)
