@@ -42,6 +42,22 @@ def test_export_holds_only_ema_weights_config_and_privacy(run):
     privacy, ledger = json.loads(meta["privacy"]), json.loads((run / "privacy.json").read_text())
     assert privacy["epsilon"] == pytest.approx(ledger["epsilon"], rel=1e-9) and privacy["steps"] == ledger["steps"]
     assert json.loads(meta["build_config"])["net"] == ckpt["dpdm"]["build_config"]["net"]
+    assert "known_seeds" not in privacy and "known_seeds" not in ledger  # seeded from OS entropy
+
+
+def test_an_export_of_a_run_with_known_seeds_says_so(tmp_path):
+    """A fixed noise seed voids the guarantee against its holder; the shared file must carry that caveat."""
+    run = tmp_path / "seeded"
+    proc = _run(BIN / "dpdm-train", *SHRINK, "privacy.noise_seed=7", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _run(BIN / "dpdm-export", run).returncode == 0
+    from safetensors import safe_open
+
+    with safe_open(str(run / "export" / "model.safetensors"), framework="pt") as f:
+        privacy = json.loads(f.metadata()["privacy"])
+    ledger = json.loads((run / "privacy.json").read_text())
+    assert privacy["known_seeds"] == ledger["known_seeds"] == ["privacy.noise_seed"]
+    assert privacy["warning"] == ledger["warning"]
     # A second export does not silently replace the first.
     again = _run(BIN / "dpdm-export", run)
     assert again.returncode == 2 and "exists" in again.stderr

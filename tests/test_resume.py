@@ -90,6 +90,9 @@ def test_sigkilled_run_resumes_to_the_same_result(full_run, tmp_path):
     resumed = json.loads((run_dir / "privacy.json").read_text())
     assert resumed["steps"] == full["steps"] == TOTAL_STEPS
     assert resumed["epsilon"] == pytest.approx(full["epsilon"], rel=1e-9)
+    # Both seeds were fixed for this test: the record says the guarantee does not hold against their holder.
+    assert full["known_seeds"] == resumed["known_seeds"] == ["privacy.noise_seed", "data.sampler_seed"]
+    assert "does not hold against anyone who knows the seed" in full["warning"]
     assert json.loads((run_dir / "summary.json").read_text())["optimizer_steps"] == TOTAL_STEPS
 
     a, b = _load(full_run / "checkpoints/last.ckpt"), _load(ckpt)
@@ -173,6 +176,7 @@ def test_two_resumes_of_one_checkpoint_draw_independent_noise_and_batches(tmp_pa
         assert proc.returncode == 0, proc.stderr[-3000:]
         resumed = json.loads((tmp_path / fork / "privacy.json").read_text())
         assert resumed["steps"] == TOTAL_STEPS  # the accountant continued from the checkpoint
+        assert "known_seeds" not in resumed and "warning" not in resumed  # OS entropy: no caveat
         finals.append(_load(tmp_path / fork / "checkpoints" / "last.ckpt")["state_dict"])
     weights = [k for k in finals[0] if not k.startswith("ema.")]
     assert any(not torch.equal(finals[0][k], finals[1][k]) for k in weights)

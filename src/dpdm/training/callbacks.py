@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
 from dpdm.privacy.accounting import group_privacy
+from dpdm.training.privacy_plan import known_seed_fields
 from dpdm.utils.configs import to_plain
 from dpdm.utils.images import save_image_grid, to_uint8
 from dpdm.utils.jsonio import write_json_atomic
@@ -27,6 +28,9 @@ def privacy_report(module) -> dict:
     report["mechanism"] = ("Poisson-subsampled Gaussian (DP-SGD): per-example clipping at C, "
                            "noise N(0, σ²C²) per step" if plan.enabled else "none (non-private)")
     report["privacy_unit"] = "one example"
+    if plan.enabled:
+        report |= known_seed_fields(noise_seed_known=getattr(module, "noise_seed", None) is not None,
+                                    sampler_seed_known=_sampler_seed_known(module))
     k = getattr(module, "examples_per_person", 1)
     if plan.enabled and k > 1:
         eps_k, delta_k = group_privacy(report["epsilon"], plan.delta, k)
@@ -34,6 +38,11 @@ def privacy_report(module) -> dict:
             "examples_per_person": k, "epsilon": eps_k, "delta": delta_k,
             "bound": "group privacy of (ε, δ)-DP: (kε, δ(e^{kε}−1)/(e^ε−1)); loose, see docs/privacy.md"}
     return report
+
+
+def _sampler_seed_known(module) -> bool:
+    trainer = getattr(module, "_trainer", None)  # module.trainer raises when no Trainer is attached
+    return bool(getattr(getattr(trainer, "datamodule", None), "sampler_seed_known", False))
 
 
 class PrivacyLedger(pl.Callback):

@@ -24,6 +24,7 @@ EMA_PREFIX = "ema."
 def privacy_record(ckpt: dict) -> dict:
     """The plan of the run that wrote `ckpt`, with steps and ε from its accountant history."""
     from dpdm.privacy.accounting import epsilon_from_history, steps_in_history
+    from dpdm.training.privacy_plan import known_seed_fields
 
     state = ckpt["dpdm"]
     plan = dict(state.get("plan") or {})
@@ -33,6 +34,10 @@ def privacy_record(ckpt: dict) -> dict:
     if plan.get("enabled"):
         record["epsilon"] = (epsilon_from_history(history, delta=plan["delta"], accountant=plan["accountant"])
                              if steps else 0.0)
+        # dpdm-train saves the noise and batch streams only when their seeds were fixed (known).
+        record |= known_seed_fields(
+            noise_seed_known="noise_rng" in state,
+            sampler_seed_known=any(isinstance(v, dict) and "sampler_generator_state" in v for v in ckpt.values()))
     else:
         record.update(epsilon=None, target_epsilon=None)
     return record

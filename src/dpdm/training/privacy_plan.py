@@ -73,3 +73,19 @@ def make_privacy_plan(*, enabled: bool, epsilon: float, delta: float, max_grad_n
                                         sample_rate=q, accountant=accountant, upper=planned)
     return PrivacyPlan(True, float(epsilon), float(delta), float(sigma), float(max_grad_norm), q,
                        batch_size, spe, planned, max_steps, noise_multiplicity, accountant, dataset_size)
+
+
+def known_seed_fields(*, noise_seed_known: bool, sampler_seed_known: bool) -> dict:
+    """privacy.json's (and an export's) note on a run whose DP randomness was fixed by a seed.
+
+    The (ε, δ) guarantee assumes the Gaussian noise and the Poisson batches are secret. A known noise seed
+    lets whoever knows it subtract the noise; a known sampler seed tells them which examples each step used,
+    which removes the subsampling amplification the accountant counted on. Such runs are for tests and
+    reproducibility, and their record says so; a run seeded from OS entropy gets no extra fields."""
+    known = [name for name, is_known in (("privacy.noise_seed", noise_seed_known),
+                                         ("data.sampler_seed", sampler_seed_known)) if is_known]
+    if not known:
+        return {}
+    return {"known_seeds": known,
+            "warning": f"{' and '.join(known)} fixed: the run is reproducible, and the (ε, δ) guarantee does "
+                       "not hold against anyone who knows the seed (docs/privacy.md)"}
