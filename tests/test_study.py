@@ -212,3 +212,16 @@ def test_variants_whose_controls_compose_the_same_recipe_share_one_control_run(t
     assert train_run(study, "eps10", "dp", tmp_path, progress=quiet) != train_run(study, "eps1", "dp", tmp_path,
                                                                                    progress=quiet)
     assert len(trained) == 4
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "conf" / "study").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_committed_study_composes_each_run_it_would_train(path):
+    # A typo in a study file would otherwise surface only when the queue reaches that variant, maybe an
+    # hour into an unattended run; composing is what dpdm-train does first, so it fails the same way.
+    from dpdm.experiments.study import DP, NONPRIVATE, Study, composed_config, run_overrides
+
+    study = Study.load(path)
+    for variant in study.variants:
+        for mode in ((DP, NONPRIVATE) if study.controls else (DP,)):
+            cfg = composed_config(tuple(run_overrides(study, variant, mode)))
+            assert cfg["privacy"]["enabled"] is (mode == DP), (variant, mode)
