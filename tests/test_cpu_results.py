@@ -154,7 +154,7 @@ def test_the_page_shows_the_row_of_the_recipe_the_preset_composes_now(tmp_path):
     a preset whose every row is of another recipe shows the newest, marked, with what differs."""
     study = _two_preset_study(tmp_path)
     results = tmp_path / "results"
-    rows = [_row("mnist_eps10_cpu", "dp", acc_cnn=0.926, lr=1e-3),                   # the preset's recipe
+    rows = [_row("mnist_eps10_cpu", "dp", acc_cnn=0.926, lr=3e-3),                   # the preset's recipe
             _row("mnist_eps10_cpu", "dp", acc_cnn=0.80, batch_size=1536, steps=280),  # newer, another recipe
             _row("mnist_eps1_cpu", "dp", acc_cnn=0.70, lr=5e-4)]                       # only another recipe
     (results / "study" / "cpu_mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

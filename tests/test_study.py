@@ -181,7 +181,7 @@ def test_runs_from_before_the_group_renames_are_still_their_recipe(tmp_path):
     (run / "config.yaml").write_text(pyyaml.safe_dump(cfg))
     assert recipe_changes(run, ["experiment=mnist_eps10_cpu"]) == []
     assert recipe_changes(run, ["experiment=mnist_eps10_cpu", "noise_levels.log_sigma_shift=1.0"]) == [
-        "noise_levels.log_sigma_shift: 2.4 → 1.0"]
+        "noise_levels.log_sigma_shift: 1.6 → 1.0"]
 
 
 def test_variants_whose_controls_compose_the_same_recipe_share_one_control_run(tmp_path, monkeypatch):
