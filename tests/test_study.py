@@ -254,3 +254,33 @@ def test_each_committed_row_is_the_recipe_its_study_composes_now(path):
         if diffs := recipe_differences(row, recipe):
             stale[f"{variant}/{mode}"] = diffs
     assert not stale, f"{path.name} composes another recipe than its rows record: {stale}"
+
+
+def test_a_run_moved_aside_is_reused_by_whatever_still_composes_its_recipe(tmp_path, monkeypatch):
+    """mnist_eps10_cpu moved on after its control was trained; mnist_eps1_cpu's control is still that run's
+    recipe, now under nonprivate.old1, and a preset changed back finds its own old run: neither retrains."""
+    from dpdm.experiments import study as study_mod
+    from dpdm.experiments.study import Study, train_run
+
+    trained = []
+
+    def fake_dpdm_train(cmd, log_path):
+        run_dir = Path(next(a for a in cmd if a.startswith("hydra.run.dir=")).partition("=")[2])
+        _trained_run(run_dir, [a for a in cmd[1:] if not a.startswith(("hydra.run.dir=", "+trainer."))], 100.0)
+        trained.append(run_dir)
+        return 1.0
+
+    monkeypatch.setattr(study_mod, "_run", fake_dpdm_train)
+    quiet = lambda *a: None  # noqa: E731
+    before = Study(name="s", train=["experiment=mnist_eps10_cpu"],
+                   variants={"eps10": [], "eps1": ["privacy=eps1"]}, samplers={"own": "config"})
+    first = train_run(before, "eps10", "nonprivate", tmp_path, progress=quiet)
+    after = Study(name="s", train=["experiment=mnist_eps10_cpu"],
+                  variants={"eps10": ["optim.lr=5e-3"], "eps1": ["privacy=eps1"]}, samplers={"own": "config"})
+    second = train_run(after, "eps10", "nonprivate", tmp_path, progress=quiet)
+    assert second == first and len(trained) == 2          # retrained in place; the first moved aside
+    kept = first.with_name("nonprivate.old1")
+    assert train_run(after, "eps1", "nonprivate", tmp_path, progress=quiet) == kept
+    said = []
+    assert train_run(before, "eps10", "nonprivate", tmp_path, progress=said.append) == kept
+    assert len(trained) == 2 and "moved it to nonprivate.old2" in said[0] and "reuses" in said[1]

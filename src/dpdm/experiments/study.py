@@ -164,10 +164,6 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
     returns the run dir. A finished run of another recipe is moved aside (kept) and trained again."""
     run_dir = runs_dir / study.name / variant / mode
     overrides = run_overrides(study, variant, mode)
-    if not (run_dir / "summary.json").exists() and (twin := _same_recipe_run(study, variant, mode, runs_dir)):
-        progress(f"[{study.name}] {variant}/{mode}: the same recipe as {twin} (trained for "
-                 f"{twin.parent.name}), which it reuses")
-        return twin
     if (run_dir / "summary.json").exists():
         changes = recipe_changes(run_dir, overrides)
         if not changes:
@@ -175,7 +171,11 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
             return run_dir
         old = move_aside(run_dir)
         progress(f"[{study.name}] {variant}/{mode}: the recipe changed since {run_dir} was trained "
-                 f"({'; '.join(changes)}); moved it to {old.name}, training again")
+                 f"({'; '.join(changes)}); moved it to {old.name}")
+    if twin := _same_recipe_run(study, variant, mode, runs_dir):
+        progress(f"[{study.name}] {variant}/{mode}: the same recipe as {twin} (trained for "
+                 f"{twin.parent.name}), which it reuses")
+        return twin
     progress(f"[{study.name}] {variant}/{mode}: training ({' '.join(overrides) or 'defaults'})")
     if run_dir.exists():  # a killed earlier attempt: start the run over, it has no result to keep
         import shutil
@@ -188,14 +188,18 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
 
 
 def _same_recipe_run(study: Study, variant: str, mode: str, runs_dir: Path) -> Path | None:
-    """Another variant's finished run of this mode whose recipe is this variant's. Non-private controls
-    are where this happens: `privacy=none` makes mnist_eps10_cpu and mnist_eps1_cpu the same training run,
-    and training it twice would cost an hour for nothing."""
+    """A finished run of this mode, other than the variant's own current one, whose recipe is this
+    variant's: another variant's, or one moved aside when a preset changed (`<mode>.old<i>`, its own or
+    another's). Non-private controls are where this happens: `privacy=none` makes mnist_eps10_cpu and
+    mnist_eps1_cpu the same training run, and when mnist_eps10_cpu moves on, the run mnist_eps1_cpu still
+    composes is the one moved aside; training it again would cost an hour for nothing."""
     overrides = run_overrides(study, variant, mode)
+    own = runs_dir / study.name / variant / mode
     for other in study.variants:
-        run = runs_dir / study.name / other / mode
-        if other != variant and (run / "summary.json").exists() and not recipe_changes(run, overrides):
-            return run
+        current = runs_dir / study.name / other / mode
+        for run in (current, *sorted(current.parent.glob(f"{mode}.old*"))):
+            if run != own and (run / "summary.json").exists() and not recipe_changes(run, overrides):
+                return run
     return None
 
 
