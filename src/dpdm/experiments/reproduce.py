@@ -364,8 +364,9 @@ def render_results(recipe: Recipe, runs_root: Path, *, shrink: bool = False, thr
                   "FID (if the Inception weights are there) on the same DDIM-50 samples.", ""]
         if all(r["summary"] is None for r in fast):
             lines += ["**Not measured on GPU**: this preset has not been run on an H200 yet; its settings come "
-                      "from reasoning over the paper's ablations and DESIGN.md's throughput figures, and its noise-level "
-                      "shift (+1.2) from the CPU studies' trend with compute, extrapolated (docs/experiments.md).", ""]
+                      "from reasoning over the paper's ablations and DESIGN.md's throughput figures, and its "
+                      "noise-level shift (+1.2) from the CPU studies' trend with compute, extrapolated "
+                      "(docs/experiments.md).", ""]
         lines += ["| run | status | ε spent | CNN | paper CNN (full recipe) | FID | training wall time |",
                   "|---|---|---|---|---|---|---|"]
         for r in fast:
