@@ -128,11 +128,10 @@ def _trained_run(run_dir: Path, overrides: list[str], wall: float) -> None:
     (run_dir / "summary.json").write_text(json.dumps({"optimizer_steps": 340, "wall_time_s": wall}))
 
 
-def test_a_run_trained_for_another_recipe_is_kept_aside_and_trained_again(tmp_path, monkeypatch):
-    """A preset changed after its run was trained (here its batch): the study must not reuse that run,
-    nor the row that scored it, and must not delete it either."""
+def fake_training(monkeypatch) -> list[list[str]]:
+    """Stands in for the dpdm-train a study calls: each call leaves a finished run dir (its wall time
+    distinct, so rows of different runs differ) and appends the overrides it was given to the list."""
     from dpdm.experiments import study as study_mod
-    from dpdm.experiments.study import Study, _scored, recipe_changes, train_run
 
     trained = []
 
@@ -144,6 +143,15 @@ def test_a_run_trained_for_another_recipe_is_kept_aside_and_trained_again(tmp_pa
         return 1.0
 
     monkeypatch.setattr(study_mod, "_run", fake_dpdm_train)
+    return trained
+
+
+def test_a_run_trained_for_another_recipe_is_kept_aside_and_trained_again(tmp_path, monkeypatch):
+    """A preset changed after its run was trained (here its batch): the study must not reuse that run,
+    nor the row that scored it, and must not delete it either."""
+    from dpdm.experiments.study import Study, _scored, recipe_changes, train_run
+
+    trained = fake_training(monkeypatch)
     study = Study(name="s", train=["experiment=fmnist_eps10_cpu"], variants={"v": []}, samplers={"own": "config"})
     run = train_run(study, "v", "dp", tmp_path, progress=lambda *a: None)
     assert len(trained) == 1 and recipe_changes(run, ["experiment=fmnist_eps10_cpu"]) == []
@@ -187,18 +195,9 @@ def test_runs_from_before_the_group_renames_are_still_their_recipe(tmp_path):
 def test_variants_whose_controls_compose_the_same_recipe_share_one_control_run(tmp_path, monkeypatch):
     """privacy=none erases the only difference between an ε = 10 and an ε = 1 preset: their non-private
     controls are one training run, trained once; their DP runs stay separate."""
-    from dpdm.experiments import study as study_mod
     from dpdm.experiments.study import Study, train_run
 
-    trained = []
-
-    def fake_dpdm_train(cmd, log_path):
-        run_dir = Path(next(a for a in cmd if a.startswith("hydra.run.dir=")).partition("=")[2])
-        _trained_run(run_dir, [a for a in cmd[1:] if not a.startswith(("hydra.run.dir=", "+trainer."))], 100.0)
-        trained.append(run_dir)
-        return 1.0
-
-    monkeypatch.setattr(study_mod, "_run", fake_dpdm_train)
+    trained = fake_training(monkeypatch)
     study = Study(name="s", train=["experiment=mnist_eps10_cpu"],
                   variants={"eps10": [], "eps1": ["privacy=eps1"], "wide": ["net.model_channels=40"]},
                   samplers={"own": "config"})
@@ -259,18 +258,9 @@ def test_each_committed_row_is_the_recipe_its_study_composes_now(path):
 def test_a_run_moved_aside_is_reused_by_whatever_still_composes_its_recipe(tmp_path, monkeypatch):
     """mnist_eps10_cpu moved on after its control was trained; mnist_eps1_cpu's control is still that run's
     recipe, now under nonprivate.old1, and a preset changed back finds its own old run: neither retrains."""
-    from dpdm.experiments import study as study_mod
     from dpdm.experiments.study import Study, train_run
 
-    trained = []
-
-    def fake_dpdm_train(cmd, log_path):
-        run_dir = Path(next(a for a in cmd if a.startswith("hydra.run.dir=")).partition("=")[2])
-        _trained_run(run_dir, [a for a in cmd[1:] if not a.startswith(("hydra.run.dir=", "+trainer."))], 100.0)
-        trained.append(run_dir)
-        return 1.0
-
-    monkeypatch.setattr(study_mod, "_run", fake_dpdm_train)
+    trained = fake_training(monkeypatch)
     quiet = lambda *a: None  # noqa: E731
     before = Study(name="s", train=["experiment=mnist_eps10_cpu"],
                    variants={"eps10": [], "eps1": ["privacy=eps1"]}, samplers={"own": "config"})
