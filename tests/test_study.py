@@ -236,7 +236,7 @@ def test_each_committed_row_is_the_recipe_its_study_composes_now(path):
     # Studies start from presets, and presets move on: a study that no longer pins the recipe its rows
     # were trained with would train its pending runs (a control, a seed) as another recipe, and the table
     # would set the two side by side as if they were one.
-    from dpdm.experiments.study import Study, composed_config, config_recipe, recipe_differences, run_overrides
+    from dpdm.experiments.study import Study, preset_recipe, recipe_differences
 
     study = Study.load(path)
     newest = {}
@@ -246,11 +246,7 @@ def test_each_committed_row_is_the_recipe_its_study_composes_now(path):
             newest[row["variant"], row["mode"]] = row
     stale = {}
     for (variant, mode), row in newest.items():
-        cfg = composed_config(tuple(run_overrides(study, variant, mode)))
-        recipe = config_recipe(cfg)
-        if cfg["trainer"]["max_steps"] > 0:
-            recipe["steps"] = int(cfg["trainer"]["max_steps"])
-        if diffs := recipe_differences(row, recipe):
+        if diffs := recipe_differences(row, preset_recipe(study, variant, mode)):
             stale[f"{variant}/{mode}"] = diffs
     assert not stale, f"{path.name} composes another recipe than its rows record: {stale}"
 

@@ -161,7 +161,8 @@ def _leaves(d, prefix: str = "") -> dict:
 
 def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=print) -> Path:
     """Train one (variant, mode) run unless a finished one (summary.json) of the same recipe exists;
-    returns the run dir. A finished run of another recipe is moved aside (kept) and trained again."""
+    returns the run dir. A finished run of another recipe is moved aside (kept); then a run of the recipe
+    asked for is reused where one exists (`_same_recipe_run`), else trained."""
     run_dir = runs_dir / study.name / variant / mode
     overrides = run_overrides(study, variant, mode)
     if (run_dir / "summary.json").exists():
@@ -343,10 +344,12 @@ def config_recipe(cfg: dict) -> dict:
     }
 
 
-def preset_recipe(study: Study, variant: str) -> dict:
-    """The recipe a variant's overrides compose now, as its rows record it (steps: the step budget)."""
-    cfg = composed_config((*study.train, *study.variants[variant]))
-    return config_recipe(cfg) | {"steps": int(cfg["trainer"]["max_steps"])}
+def preset_recipe(study: Study, variant: str, mode: str = DP) -> dict:
+    """The recipe a variant's run of `mode` composes now, as its rows record it (steps: the step budget,
+    when one is set; a run that stops after max_epochs records the steps its data gave)."""
+    cfg = composed_config(tuple(run_overrides(study, variant, mode)))
+    max_steps = int(cfg["trainer"]["max_steps"])
+    return config_recipe(cfg) | ({"steps": max_steps} if max_steps > 0 else {})
 
 
 def recipe_differences(row: dict, recipe: dict) -> list[str]:
