@@ -261,11 +261,19 @@ def test_a_run_moved_aside_is_reused_by_whatever_still_composes_its_recipe(tmp_p
     before = Study(name="s", train=["experiment=mnist_eps10_cpu"],
                    variants={"eps10": [], "eps1": ["privacy=eps1"]}, samplers={"own": "config"})
     first = train_run(before, "eps10", "nonprivate", tmp_path, progress=quiet)
+    # Both variants' rows scored that one run; an unrelated row names the same directory, another training.
+    rows = tmp_path / "rows.jsonl"
+    row = {"mode": "nonprivate", "sampler": "own", "run_dir": str(first), "train_wall_s": 100.0}
+    rows.write_text("".join(json.dumps({**row, "variant": v, **extra}) + "\n" for v, extra in
+                            [("eps10", {}), ("eps1", {}), ("eps10", {"train_wall_s": 7.0})]))
     after = Study(name="s", train=["experiment=mnist_eps10_cpu"],
                   variants={"eps10": ["optim.lr=5e-3"], "eps1": ["privacy=eps1"]}, samplers={"own": "config"})
-    second = train_run(after, "eps10", "nonprivate", tmp_path, progress=quiet)
+    second = train_run(after, "eps10", "nonprivate", tmp_path, progress=quiet, rows_path=rows)
     assert second == first and len(trained) == 2          # retrained in place; the first moved aside
     kept = first.with_name("nonprivate.old1")
+    # The rows that scored the moved run follow it; the other one is left as it was.
+    assert [json.loads(line)["run_dir"] for line in rows.read_text().splitlines()] == [
+        str(kept), str(kept), str(first)]
     assert train_run(after, "eps1", "nonprivate", tmp_path, progress=quiet) == kept
     said = []
     assert train_run(before, "eps10", "nonprivate", tmp_path, progress=said.append) == kept

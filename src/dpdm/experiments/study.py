@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpdm.utils.files import atomic_path
 from dpdm.utils.jsonio import read_json
 
 DP, NONPRIVATE = "dp", "nonprivate"
@@ -159,10 +160,12 @@ def _leaves(d, prefix: str = "") -> dict:
     return out
 
 
-def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=print) -> Path:
+def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=print,
+              rows_path: Path | None = None) -> Path:
     """Train one (variant, mode) run unless a finished one (summary.json) of the same recipe exists;
-    returns the run dir. A finished run of another recipe is moved aside (kept); then a run of the recipe
-    asked for is reused where one exists (`_same_recipe_run`), else trained."""
+    returns the run dir. A finished run of another recipe is moved aside (kept), and the rows in
+    `rows_path` that scored it follow it there; then a run of the recipe asked for is reused where one
+    exists (`_same_recipe_run`), else trained."""
     run_dir = runs_dir / study.name / variant / mode
     overrides = run_overrides(study, variant, mode)
     if (run_dir / "summary.json").exists():
@@ -170,9 +173,12 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
         if not changes:
             progress(f"[{study.name}] {variant}/{mode}: trained already ({run_dir})")
             return run_dir
+        wall = run_facts(run_dir)["train_wall_s"]
         old = move_aside(run_dir)
         progress(f"[{study.name}] {variant}/{mode}: the recipe changed since {run_dir} was trained "
                  f"({'; '.join(changes)}); moved it to {old.name}")
+        if rows_path is not None and (n := repoint_rows(rows_path, run_dir, wall, old)):
+            progress(f"    {n} row(s) of {rows_path} now name {old}")
     if twin := _same_recipe_run(study, variant, mode, runs_dir):
         progress(f"[{study.name}] {variant}/{mode}: the same recipe as {twin} (trained for "
                  f"{twin.parent.name}), which it reuses")
@@ -251,6 +257,26 @@ def _checkpoint_sampler(path: str, mtime_ns: int) -> dict | None:
 
 def same_sampler(a: dict | None, b: dict | None) -> bool:
     return a is not None and b is not None and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def repoint_rows(rows_path: Path, run_dir: Path, train_wall_s: float | None, moved_to: Path) -> int:
+    """Point the rows that scored the run trained in `run_dir` (named by directory and training wall time,
+    as `_scored` does) at `moved_to`, where that run now lies; the number of rows changed. Without this a
+    row that another variant reuses (a shared control) would name whatever is trained there next."""
+    if not rows_path.exists():
+        return 0
+    lines = rows_path.read_text().splitlines()
+    changed = 0
+    for i, line in enumerate(lines):
+        row = json.loads(line) if line.strip() else None
+        if row and row.get("run_dir") == str(run_dir) and row.get("train_wall_s") == train_wall_s:
+            row["run_dir"] = str(moved_to)
+            lines[i] = json.dumps(row)
+            changed += 1
+    if changed:
+        with atomic_path(rows_path) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+    return changed
 
 
 def move_aside(path: Path) -> Path:
@@ -405,7 +431,7 @@ def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list
     evaluators: dict = {}   # one per dataset: a study may mix MNIST and Fashion-MNIST presets
     for variant in chosen:
         for mode in modes:
-            run_dir = train_run(study, variant, mode, runs_dir, progress)
+            run_dir = train_run(study, variant, mode, runs_dir, progress, rows_path=rows_path)
             facts = run_facts(run_dir)
             dataset = run_dataset(run_dir)
             if dataset not in evaluators:
