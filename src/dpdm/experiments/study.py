@@ -263,20 +263,14 @@ def repoint_rows(rows_path: Path, run_dir: Path, train_wall_s: float | None, mov
     """Point the rows that scored the run trained in `run_dir` (named by directory and training wall time,
     as `_scored` does) at `moved_to`, where that run now lies; the number of rows changed. Without this a
     row that another variant reuses (a shared control) would name whatever is trained there next."""
-    if not rows_path.exists():
-        return 0
-    lines = rows_path.read_text().splitlines()
-    changed = 0
-    for i, line in enumerate(lines):
-        row = json.loads(line) if line.strip() else None
-        if row and row.get("run_dir") == str(run_dir) and row.get("train_wall_s") == train_wall_s:
-            row["run_dir"] = str(moved_to)
-            lines[i] = json.dumps(row)
-            changed += 1
-    if changed:
+    rows = read_rows(rows_path) if rows_path.exists() else []
+    scored = [r for r in rows if r.get("run_dir") == str(run_dir) and r.get("train_wall_s") == train_wall_s]
+    for row in scored:
+        row["run_dir"] = str(moved_to)
+    if scored:
         with atomic_path(rows_path) as tmp:
-            tmp.write_text("\n".join(lines) + "\n")
-    return changed
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(scored)
 
 
 def move_aside(path: Path) -> Path:
