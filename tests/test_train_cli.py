@@ -240,6 +240,20 @@ def test_trainer_max_steps_stops_the_run_and_the_accountant_plans_for_it(tmp_pat
     assert abs(p["epsilon"] - eps) < 1e-9 and 0.98 * p["target_epsilon"] < eps <= p["target_epsilon"]
 
 
+def test_last_checkpoint_holds_the_final_step_when_max_steps_ends_in_an_epoch_that_is_not_saved(tmp_path):
+    # q = 1/4: 4 steps per epoch. Checkpoints every second epoch save step 8; step 10 ends inside epoch 3,
+    # which every_n_epochs skips. Stock Lightning 2.6 leaves last.ckpt at step 8 here.
+    run_dir = tmp_path / "mid_epoch"
+    proc = _run([str(BIN / "dpdm-train"), *SHRINK, "trainer.max_epochs=4", "trainer.max_steps=10",
+                 "callbacks.model_checkpoint.every_n_epochs=2", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "epoch=1-step=8.ckpt").is_file()
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    assert last["global_step"] == summary["optimizer_steps"] == privacy["steps"] == 10
+
+
 def test_sample_cli_uses_the_training_runs_sampler_with_the_keys_the_command_line_sets(smoke_run, tmp_path):
     ckpt = f"ckpt={smoke_run / 'checkpoints/last.ckpt'}"
 

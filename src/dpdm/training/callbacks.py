@@ -1,4 +1,5 @@
-"""Lightning callbacks: privacy ledger (privacy.json, ε per epoch), sample grids, the DP progress bar."""
+"""Lightning callbacks: privacy ledger (privacy.json, ε per epoch), the final checkpoint, sample grids, the DP
+progress bar."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
 from dpdm.privacy.accounting import group_privacy
@@ -61,6 +62,22 @@ class PrivacyLedger(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero:
             self._write(pl_module)
+
+
+class FinalModelCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose last.ckpt always holds the model at the step training stopped on.
+
+    Lightning 2.6 writes last.ckpt at the end of fit only if it never wrote one. A run whose max_steps falls
+    inside an epoch that `every_n_epochs` skips (500 steps of 58 per epoch, every second epoch) would leave
+    last.ckpt at the previous saved epoch, and dpdm-sample, the learning curve and dpdm-export would
+    release an earlier model than the one privacy.json and summary.json describe.
+    """
+
+    def on_train_end(self, trainer, pl_module):
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)
 
 
 class SampleGrid(pl.Callback):
