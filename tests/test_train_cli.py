@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dpdm.privacy.accounting import mechanism_epsilon
+from dpdm.training.checkpoint import load_checkpoint
 from tests.helpers import BIN, REPO, SHRINK, cli_env, run_cli
 
 # The run's own sampler (a preset's choice), which dpdm-sample uses unless told otherwise.
@@ -241,14 +242,14 @@ def test_trainer_max_steps_stops_the_run_and_the_accountant_plans_for_it(tmp_pat
 
 
 def test_last_checkpoint_holds_the_final_step_when_max_steps_ends_in_an_epoch_that_is_not_saved(tmp_path):
-    # q = 1/4: 4 steps per epoch. Checkpoints every second epoch save step 8; step 10 ends inside epoch 3,
-    # which every_n_epochs skips. Stock Lightning 2.6 leaves last.ckpt at step 8 here.
+    # q = 1/4: 4 steps per epoch. Checkpoints every second epoch save step 8; step 10 ends inside the third
+    # epoch (index 2), which every_n_epochs skips. Stock Lightning 2.6 leaves last.ckpt at step 8 here.
     run_dir = tmp_path / "mid_epoch"
     proc = _run([str(BIN / "dpdm-train"), *SHRINK, "trainer.max_epochs=4", "trainer.max_steps=10",
                  "callbacks.model_checkpoint.every_n_epochs=2", f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "checkpoints" / "epoch=1-step=8.ckpt").is_file()
-    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # what dpdm-sample and dpdm-export read
     summary = json.loads((run_dir / "summary.json").read_text())
     privacy = json.loads((run_dir / "privacy.json").read_text())
     assert last["global_step"] == summary["optimizer_steps"] == privacy["steps"] == 10
