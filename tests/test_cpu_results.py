@@ -171,3 +171,29 @@ def test_the_page_shows_the_row_of_the_recipe_the_preset_composes_now(tmp_path):
     assert eps1.startswith("| `mnist_eps1_cpu` (earlier recipe) |") and "70.0%" in eps1
     note = next(x for x in lines if x.startswith("**Earlier recipes.**"))
     assert "`mnist_eps1_cpu` dp" in note and "lr differ" in note and "mnist_eps10_cpu" not in note
+
+
+def test_a_preset_changed_back_shows_the_curve_and_grid_of_the_run_its_row_names(tmp_path):
+    """When a preset returns to an earlier recipe, its row names the run moved aside for that recipe
+    (dp.old1); the curve and the grid on the page must come from that run, not from the newer run of
+    another recipe still sitting in dp/."""
+    study = _two_preset_study(tmp_path)
+    results = tmp_path / "results"
+    recipe = preset_recipe(Study.load(study), "mnist_eps10_cpu")
+    other = {**recipe, "lr": recipe["lr"] * 3}
+    base = tmp_path / "runs" / "cpu_mini" / "mnist_eps10_cpu"
+    for name, acc, pixel in (("dp.old1", 0.88, b"old"), ("dp", 0.66, b"new")):
+        _fake_run(base / name)
+        (base / name / "learning_curve.json").write_text(json.dumps({"points": _curve(acc)}))
+        (base / name / "samples_preset").mkdir()
+        (base / name / "samples_preset" / "grid.png").write_bytes(pixel)
+    rows = [_row("mnist_eps10_cpu", "dp", **recipe, acc_cnn=0.926, run_dir=str(base / "dp.old1")),
+            _row("mnist_eps10_cpu", "dp", **other, acc_cnn=0.80, run_dir=str(base / "dp"))]
+    (results / "study" / "cpu_mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = reproduce_cpu(study_file=study, runs_dir=tmp_path / "runs", results_dir=results / "study",
+                         page=results / "cpu.md", report_only=True, progress=lambda *a: None)
+    lines = _curve_lines(page)
+    assert len(lines) == 2 and "88.0%" in lines[1]
+    assert (results / "cpu" / "mnist_eps10_cpu_grid.png").read_bytes() == b"old"
+    kept = json.loads((results / "study" / "cpu_mini_curves.json").read_text())
+    assert kept["mnist_eps10_cpu"] == {"run_dir": str(base / "dp.old1"), "points": _curve(0.88)}

@@ -185,6 +185,17 @@ def rows_of_current_recipes(study: Study, rows: list[dict]) -> dict[str, dict[st
     return picked
 
 
+def shown_dp_run(picked_modes: dict[str, tuple[dict, list[str]]], own: Path) -> Path:
+    """The DP run whose table row the page shows, so that its curve and grid come from the same run: the
+    run the current recipe's row names where that run exists (a preset changed back to an earlier recipe
+    reuses the run moved aside for it, `dp.old<i>`), else the variant's own run dir `own`."""
+    row, diffs = picked_modes.get(DP, ({}, ["no row"]))
+    named = Path(row["run_dir"]) if row.get("run_dir") else None
+    if not diffs and named is not None and (named / "summary.json").exists():
+        return named
+    return own
+
+
 def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *, assets: Path, page: Path,
                 curve_n: int, command: str) -> str:
     """The markdown of results/cpu.md from the study's rows and the curves (images are under `assets`)."""
@@ -310,8 +321,10 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
     kept = read_json(curves_path) or {}
     curves: dict[str, list[dict]] = {}
     evaluators: dict = {}   # one per dataset
+    picked = rows_of_current_recipes(study, rows)
+    dp_runs = {v: shown_dp_run(picked.get(v, {}), runs_dir / study.name / v / DP) for v in study.variants}
     for variant in study.variants:
-        run_dir = runs_dir / study.name / variant / DP
+        run_dir = dp_runs[variant]
         if not (run_dir / "summary.json").exists():
             if variant in kept:
                 curves[variant] = kept[variant]["points"]
@@ -335,7 +348,7 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
             shutil.copyfile(grid, assets / f"{variant}_grid.png")
     for variant, points in curves.items():
         if points and points != kept.get(variant, {}).get("points"):
-            kept[variant] = {"run_dir": str(runs_dir / study.name / variant / DP), "points": points}
+            kept[variant] = {"run_dir": str(dp_runs[variant]), "points": points}
     if kept:
         write_json_atomic(curves_path, kept)
     plot_learning_curves(curves, assets / "learning_curve.png")
