@@ -128,6 +128,36 @@ def test_evaluate_a_checkpoint_draws_and_keeps_its_samples(checkpoint, work, mon
     np.testing.assert_array_equal(saved["y"], reference["y"])
 
 
+def test_precision_recall_tells_real_images_from_an_untrained_nets(checkpoint, work, monkeypatch):
+    """Opt-in precision and recall in the real-data CNN's features: 200 real test images (held apart from
+    the 200 they are compared with only by chance) score far higher than an untrained net's samples."""
+    from dpdm.cli.evaluate import run_evaluation
+    from dpdm.cli.sample import run_sampling
+
+    monkeypatch.setenv("TORCH_HOME", str(work / "torch_home"))
+    images, labels = load_split("mnist", "test")
+    keep = torch.cat([torch.nonzero(labels == c).flatten()[-20:] for c in range(10)])
+    real_npz = work / "real200" / "samples.npz"
+    real_npz.parent.mkdir()
+    np.savez(real_npz, x=images[keep].numpy(), y=labels[keep].numpy(), dataset="mnist")
+    run_sampling(_compose("sample", [f"ckpt={checkpoint}", "n=200", f"out={work / 'junk200'}",
+                                     "sampler.num_steps=2"]))
+    scores = {}
+    for name, npz in (("real", real_npz), ("junk", work / "junk200" / "samples.npz")):
+        result = run_evaluation(_compose("evaluate", [
+            f"input={npz}", "evaluation.metrics=[precision_recall]", *_fast_overrides(work / "cache")]))
+        scores[name] = result["metrics"]
+        assert set(result["metrics"]) == {"eval/precision_test", "eval/recall_test", "eval/class_precision_test",
+                                          "eval/class_recall_test"}
+        assert result["details"]["precision_recall"]["num_points"] == {"test": 200}
+    for key in scores["real"]:
+        assert scores["real"][key] > scores["junk"][key], (key, scores)
+    # Pooled precision flatters near-identical junk (it can fall inside one large real ball); recall and
+    # the per-class figures cannot be fooled that way.
+    for key in ("eval/recall_test", "eval/class_recall_test", "eval/class_precision_test"):
+        assert scores["real"][key] > scores["junk"][key] + 0.3, (key, scores)
+
+
 def test_missing_input_is_a_user_error(work):
     from dpdm.cli.errors import _user_errors
     from dpdm.cli.evaluate import run_evaluation
@@ -203,6 +233,9 @@ def test_callback_logs_the_same_names_to_csv_and_json(work, tmp_path):
     ({"metrics": ["fid"], "reference_splits": ["train", "test"]}, "fid against the training split"),
     ({"metrics": ["fd_classifier"], "reference_splits": ["test"]}, "trained on the training split"),
     ({"metrics": ["real_cnn_on_synthetic"], "reference_splits": ["test"]}, "trained on the training split"),
+    ({"metrics": ["precision_recall"], "reference_splits": ["test"]}, "trained on the training split"),
+    ({"metrics": ["precision_recall"], "reference_splits": ["train"], "real_classifier": {"train_split": "test"}},
+     "precision_recall against the training split"),
 ])
 def test_callback_refuses_the_private_training_split_unless_nonprivate_metrics_are_on(evaluation, words, tmp_path):
     from dpdm.training.eval_callbacks import SyntheticDataEvaluation

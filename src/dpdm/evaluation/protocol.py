@@ -31,7 +31,9 @@ from dpdm.evaluation.inception import (
     inception_frechet_distance,
     resolve_inception_weights,
 )
+from dpdm.evaluation.precision_recall import class_precision_recall, precision_recall
 from dpdm.evaluation.real_classifier import (
+    ClassifierFeatures,
     RealClassifier,
     RealClassifierSettings,
     classifier_frechet_distance,
@@ -39,12 +41,17 @@ from dpdm.evaluation.real_classifier import (
 )
 from dpdm.utils.checksums import sha256_file
 
-__all__ = ["METRIC_GROUPS", "DownstreamSettings", "EvalReport", "EvalSettings", "Evaluator", "FIDSettings",
-           "metric_key", "private_data_metrics", "private_data_uses"]
+__all__ = ["DEFAULT_METRICS", "METRIC_GROUPS", "DownstreamSettings", "EvalReport", "EvalSettings", "Evaluator",
+           "FIDSettings", "PrecisionRecallSettings", "metric_key", "private_data_metrics", "private_data_uses"]
 
 log = logging.getLogger("dpdm.evaluate")
 
-METRIC_GROUPS = ("fid", "fd_classifier", "downstream", "real_cnn_on_synthetic")
+DEFAULT_METRICS = ("fid", "fd_classifier", "downstream", "real_cnn_on_synthetic")
+# precision_recall is opt-in: a diagnostic of variety (docs/evaluation.md), not part of the paper's protocol.
+METRIC_GROUPS = (*DEFAULT_METRICS, "precision_recall")
+# The real-data CNN's features: every group below depends on the data that CNN was trained on.
+_REAL_CNN_GROUPS = {"fd_classifier", "real_cnn_on_synthetic", "precision_recall"}
+_PR_NAMES = ("precision", "recall", "class_precision", "class_recall")
 
 
 def metric_key(group: str, split: str = "train") -> str:
@@ -55,21 +62,22 @@ def metric_key(group: str, split: str = "train") -> str:
 def private_data_uses(settings: EvalSettings) -> list[str]:
     """What these settings compute from the real *training* split (the private data of a dpdm run)."""
     uses = []
-    distances = [g for g in ("fid", "fd_classifier") if g in settings.metrics]
+    distances = [g for g in ("fid", "fd_classifier", "precision_recall") if g in settings.metrics]
     if distances and "train" in settings.reference_splits:
         uses.append(f"{' and '.join(distances)} against the training split (evaluation.reference_splits)")
-    if (settings.real_classifier.train_split == "train"
-            and {"fd_classifier", "real_cnn_on_synthetic"} & set(settings.metrics)):
-        uses.append("the real-data CNN of fd_classifier / real_cnn_on_synthetic, trained on the training split "
-                    "(evaluation.real_classifier.train_split)")
+    if settings.real_classifier.train_split == "train" and _REAL_CNN_GROUPS & set(settings.metrics):
+        uses.append("the real-data CNN of fd_classifier / real_cnn_on_synthetic / precision_recall, trained on "
+                    "the training split (evaluation.real_classifier.train_split)")
     return uses
 
 
 def private_data_metrics(settings: EvalSettings, metrics: dict[str, float]) -> set[str]:
     """The keys of `metrics` that depend on the real training split under these settings."""
-    out = {metric_key(g, "train") for g in ("fid", "fd_classifier")} if "train" in settings.reference_splits else set()
+    against_train = ("fid", "fd_classifier", *_PR_NAMES)
+    out = {metric_key(g, "train") for g in against_train} if "train" in settings.reference_splits else set()
     if settings.real_classifier.train_split == "train":
         out |= {k for k in metrics if k.startswith("eval/fd_classifier")} | {"eval/real_cnn_acc_on_synthetic"}
+        out |= {metric_key(g, split) for g in _PR_NAMES for split in ("train", "test")}
     return out & set(metrics)
 
 
@@ -81,6 +89,18 @@ class FIDSettings:
     url: str = INCEPTION_URL         # where from (a mirror, or file:// for an offline copy)
     antialias: bool = False          # False: TF-1.x-compatible resize, as reference FIDs
     batch_size: int = 200
+
+
+@dataclass(frozen=True)
+class PrecisionRecallSettings:
+    k: int = 3                       # the ball around each point reaches its k-th nearest neighbour (the paper's 3)
+    num_points: int | None = None    # points per set; None: as many as the smaller of samples and split
+    seed: int = 0                    # which points, when a set is cut down to num_points
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or (self.num_points is not None and self.num_points <= self.k):
+            raise ValueError(f"precision_recall needs k >= 1 and num_points > k, got k={self.k}, "
+                             f"num_points={self.num_points}")
 
 
 @dataclass(frozen=True)
@@ -103,11 +123,12 @@ class DownstreamSettings:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    metrics: tuple[str, ...] = METRIC_GROUPS
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     reference_splits: tuple[str, ...] = ("train", "test")
     fid: FIDSettings = FIDSettings()
     real_classifier: RealClassifierSettings = RealClassifierSettings()
     downstream: DownstreamSettings = DownstreamSettings()
+    precision_recall: PrecisionRecallSettings = PrecisionRecallSettings()
     cache_dir: str | None = None     # None: <data_dir>/<dataset>/eval_cache
 
     def __post_init__(self) -> None:
@@ -124,7 +145,7 @@ class EvalSettings:
         """From a plain (Hydra / YAML) mapping; missing keys keep their defaults, unknown keys are refused."""
         d = dict(d or {})
         nested = {"fid": FIDSettings, "real_classifier": RealClassifierSettings,
-                  "downstream": DownstreamSettings}
+                  "downstream": DownstreamSettings, "precision_recall": PrecisionRecallSettings}
         kwargs = {}
         for name, value in d.items():
             if name in nested:
@@ -173,6 +194,7 @@ class Evaluator:
         self._real_cnn: RealClassifier | None = None
         self._fd: dict[str, tuple[FrechetDistance, dict[str, FeatureStats], dict]] = {}
         self._fd_unavailable: dict[str, str] = {}  # looked up once per Evaluator, logged once
+        self._real_features: dict[str, torch.Tensor] = {}
 
     # ---- lazily built, then reused ---------------------------------------------------------------
     def real(self, split: str) -> LabeledImages:
@@ -248,6 +270,8 @@ class Evaluator:
         for group in ("fid", "fd_classifier"):
             if group in metrics:
                 self._distances(group, samples, report)
+        if "precision_recall" in metrics:
+            self._precision_recall(samples, labelled, report)
         for group, run in (("real_cnn_on_synthetic", self._reverse_check), ("downstream", self._downstream)):
             if group not in metrics:
                 continue
@@ -275,6 +299,37 @@ class Evaluator:
             # Real test vs real train: roughly what a perfect generator would score (10k samples).
             ident["real_test_vs_train"] = fd.distance(reference=refs["train"], generated=refs["test"])
         report.details[group] = {**ident, "reference_num_samples": {s: r.num_samples for s, r in refs.items()}}
+
+    def _cnn_features(self, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        extractor = ClassifierFeatures(self.real_cnn().model)
+        with torch.no_grad():
+            return torch.cat([extractor(images[i:i + batch_size].to(self.device)).cpu()
+                              for i in range(0, len(images), batch_size)])
+
+    def _precision_recall(self, samples: LabeledImages, labelled: bool, report: EvalReport) -> None:
+        s = self.settings.precision_recall
+        generated = self._cnn_features(samples.images)
+        for split in self.settings.reference_splits:
+            real = self.real(split)
+            if split not in self._real_features:
+                self._real_features[split] = self._cnn_features(real.images)
+            # Both sets the same size: a denser set has smaller balls, which would tilt the comparison.
+            n = min(len(real), len(samples), s.num_points or len(samples))
+            gen = torch.Generator().manual_seed(s.seed)
+            r_idx, g_idx = torch.randperm(len(real), generator=gen)[:n], torch.randperm(len(samples), generator=gen)[:n]
+            r_feat, g_feat = self._real_features[split][r_idx], generated[g_idx]
+            p, r = precision_recall(r_feat, g_feat, k=s.k)
+            report.metrics[metric_key("precision", split)] = p
+            report.metrics[metric_key("recall", split)] = r
+            if labelled:
+                cp, cr = class_precision_recall(r_feat, real.labels[r_idx], g_feat, samples.labels[g_idx],
+                                                num_classes=self.info.num_classes, k=s.k)
+                report.metrics[metric_key("class_precision", split)] = cp
+                report.metrics[metric_key("class_recall", split)] = cr
+            report.details.setdefault("precision_recall", {"k": s.k, "num_points": {}, "seed": s.seed,
+                                                           "features": "real-data CNN hidden layer (128)",
+                                                           "weights_sha256": self.real_cnn().weights_sha256})
+            report.details["precision_recall"]["num_points"][split] = n
 
     def _reverse_check(self, samples: LabeledImages, held_out: LabeledImages | None, report: EvalReport) -> None:
         cnn = self.real_cnn()
