@@ -3,8 +3,7 @@
 Each set of feature vectors stands for a manifold: the union of balls around its points, each ball reaching
 the point's k-th nearest neighbour within the same set. *Precision* is the share of generated points inside
 the real manifold (fidelity); *recall* the share of real points inside the generated manifold (variety).
-A Fréchet distance folds both into one number: a generator that draws only typical images can score a good
-distance and a poor recall, and a classifier trained on its samples pays for the missing variety.
+A Fréchet distance folds both into one number; these two keep fidelity and variety apart.
 """
 from __future__ import annotations
 

@@ -309,6 +309,9 @@ class Evaluator:
     def _precision_recall(self, samples: LabeledImages, labelled: bool, report: EvalReport) -> None:
         s = self.settings.precision_recall
         generated = self._cnn_features(samples.images)
+        details = report.details["precision_recall"] = {
+            "k": s.k, "num_points": {}, "seed": s.seed, "features": "real-data CNN hidden layer (128)",
+            "weights_sha256": self.real_cnn().weights_sha256}
         for split in self.settings.reference_splits:
             real = self.real(split)
             if split not in self._real_features:
@@ -326,10 +329,7 @@ class Evaluator:
                                                 num_classes=self.info.num_classes, k=s.k)
                 report.metrics[metric_key("class_precision", split)] = cp
                 report.metrics[metric_key("class_recall", split)] = cr
-            report.details.setdefault("precision_recall", {"k": s.k, "num_points": {}, "seed": s.seed,
-                                                           "features": "real-data CNN hidden layer (128)",
-                                                           "weights_sha256": self.real_cnn().weights_sha256})
-            report.details["precision_recall"]["num_points"][split] = n
+            details["num_points"][split] = n
 
     def _reverse_check(self, samples: LabeledImages, held_out: LabeledImages | None, report: EvalReport) -> None:
         cnn = self.real_cnn()

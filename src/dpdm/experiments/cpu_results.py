@@ -189,10 +189,9 @@ def shown_dp_run(picked_modes: dict[str, tuple[dict, list[str]]], own: Path) -> 
     """The DP run whose table row the page shows, so that its curve and grid come from the same run: the
     run the current recipe's row names where that run exists (a preset changed back to an earlier recipe
     reuses the run moved aside for it, `dp.old<i>`), else the variant's own run dir `own`."""
-    row, diffs = picked_modes.get(DP, ({}, ["no row"]))
-    named = Path(row["run_dir"]) if row.get("run_dir") else None
-    if not diffs and named is not None and (named / "summary.json").exists():
-        return named
+    row, diffs = picked_modes.get(DP, (None, None))
+    if row and not diffs and row.get("run_dir") and (Path(row["run_dir"]) / "summary.json").exists():
+        return Path(row["run_dir"])
     return own
 
 
