@@ -176,7 +176,8 @@ def test_a_run_trained_for_another_recipe_is_kept_aside_and_trained_again(tmp_pa
 
 def test_runs_from_before_the_group_renames_are_still_their_recipe(tmp_path):
     """Runs trained before `denoiser`/`noise` became `preconditioning`/`noise_levels` (and before optim
-    was a Hydra partial) store the old layout; the same recipe must not read as changed."""
+    was a Hydra partial, and lr_schedule existed) store the old layout; the same recipe must not read as
+    changed."""
     import yaml as pyyaml
 
     from dpdm.experiments.study import recipe_changes
@@ -186,8 +187,12 @@ def test_runs_from_before_the_group_renames_are_still_their_recipe(tmp_path):
     cfg = pyyaml.safe_load((run / "config.yaml").read_text())
     cfg["denoiser"], cfg["noise"] = cfg.pop("preconditioning"), cfg.pop("noise_levels")
     cfg["optim"] = {k: v for k, v in cfg["optim"].items() if not k.startswith("_")}
+    del cfg["lr_schedule"]  # runs from before lr decay existed trained at a constant lr
     (run / "config.yaml").write_text(pyyaml.safe_dump(cfg))
     assert recipe_changes(run, ["experiment=mnist_eps10_cpu"]) == []
+    assert recipe_changes(run, ["experiment=mnist_eps10_cpu", "lr_schedule.kind=cosine",
+                                "lr_schedule.final_fraction=0.5"]) == [
+        "lr_schedule.final_fraction: 1.0 → 0.5", "lr_schedule.kind: constant → cosine"]
     assert recipe_changes(run, ["experiment=mnist_eps10_cpu", "noise_levels.log_sigma_shift=1.0"]) == [
         "noise_levels.log_sigma_shift: 1.6 → 1.0"]
 

@@ -114,13 +114,15 @@ def _run(cmd: list[str], log_path: Path) -> float:
 # what the study's overrides compose now in any of these was trained for another recipe (a preset was
 # changed since), so it is not reused. Samplers, callbacks and loggers are left out: they change no weights.
 RECIPE_KEYS = ("seed", "data.name", "data.batch_size", "data.subset_size", "data.path", "data.resolution",
-               "net", "preconditioning", "noise_levels", "loss", "optim", "ema", "trainer.max_steps",
+               "net", "preconditioning", "noise_levels", "loss", "optim", "ema", "lr_schedule", "trainer.max_steps",
                "trainer.max_epochs", "privacy.enabled", "privacy.epsilon", "privacy.delta",
                "privacy.max_grad_norm", "privacy.accountant", "privacy.noise_multiplier")
 # Set by dpdm-train from the data (which the keys above compare), so never a change of recipe.
 _FITTED_TO_DATA = {"net.img_resolution", "net.in_channels", "net.out_channels", "net.num_classes"}
 # Config groups renamed since older runs were trained: their config.yaml has the old name.
 _RENAMED_GROUPS = {"preconditioning": "denoiser", "noise_levels": "noise"}
+# Keys added since older runs were trained, with the value those runs had in effect.
+_ADDED_KEYS = {"lr_schedule": {"kind": "constant", "final_fraction": 1.0}}
 
 
 def run_overrides(study: Study, variant: str, mode: str) -> list[str]:
@@ -135,7 +137,7 @@ def recipe_changes(run_dir: Path, overrides: list[str]) -> list[str]:
     changes = []
     for key in RECIPE_KEYS:
         head, _, rest = key.partition(".")
-        then = stored.get(head, stored.get(_RENAMED_GROUPS.get(head, head)))
+        then = stored.get(head, stored.get(_RENAMED_GROUPS.get(head, head), _ADDED_KEYS.get(head)))
         a, b = _leaves(_dig(then, rest)), _leaves(_dig(now.get(head), rest))
         for leaf in sorted(set(a) | set(b)):
             # Hydra's _target_/_partial_ keys that one side lacks come from a config layout, not a recipe.

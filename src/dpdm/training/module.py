@@ -24,6 +24,7 @@ from dpdm.privacy.accounting import accountant_epsilon, steps_in_history
 from dpdm.privacy.engine import DPComponents, check_engine, make_dp_components
 from dpdm.privacy.grads_opacus import set_empty_grad_samples
 from dpdm.training.ema import ema_rate_at, make_ema_copy, update_ema
+from dpdm.training.lr_schedule import check_lr_schedule, make_lr_scheduler
 from dpdm.training.privacy_plan import PrivacyPlan
 from dpdm.utils.seeds import derived_seed
 
@@ -60,7 +61,8 @@ class DPDiffusionModule(pl.LightningModule):
                  noise_levels: NoiseLevels | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  label_dropout: float = 0.1, pixel_reduction: str = "sum", ema_rate: float = 0.999,
-                 ema_warmup: bool = False, max_physical_batch_size: int = 256, secure_mode: bool = False,
+                 ema_warmup: bool = False, lr_schedule: str = "constant", lr_final_fraction: float = 1.0,
+                 max_physical_batch_size: int = 256, secure_mode: bool = False,
                  seed: int = 0, noise_seed: int | None = None, dp_engine: str = "fold",
                  log_nonprivate_metrics: bool = False):
         super().__init__()
@@ -79,6 +81,8 @@ class DPDiffusionModule(pl.LightningModule):
         self.label_dropout, self.pixel_reduction = label_dropout, pixel_reduction
         self.make_optimizer = optimizer or partial(torch.optim.Adam, lr=3e-4)
         self.ema_rate, self.ema_warmup = ema_rate, ema_warmup
+        check_lr_schedule(lr_schedule, lr_final_fraction)
+        self.lr_schedule, self.lr_final_fraction = lr_schedule, lr_final_fraction
         self.max_physical = max_physical_batch_size
         self.secure_mode, self.seed, self.noise_seed = secure_mode, seed, noise_seed
         self.dp_engine = check_engine(dp_engine)
@@ -93,6 +97,15 @@ class DPDiffusionModule(pl.LightningModule):
 
     # ---- optimizer, privacy engine ---------------------------------------------------------------
     def configure_optimizers(self):
+        optimizer = self._dp_optimizer()
+        # Decays over the plan's calibrated steps (public), stepped by hand once per logical batch.
+        scheduler = make_lr_scheduler(optimizer, kind=self.lr_schedule, total_steps=self.plan.planned_steps,
+                                      final_fraction=self.lr_final_fraction)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _dp_optimizer(self):
         inner = self.make_optimizer(self.denoiser.parameters())
         if not self.plan.enabled:
             return inner
@@ -186,6 +199,10 @@ class DPDiffusionModule(pl.LightningModule):
             opt.step()
             self.after_dp_step()
             opt.zero_grad()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+            self.log("lr", scheduler.get_last_lr()[0], on_step=True, on_epoch=False, batch_size=max(n, 1))
         # After the step: steps_taken already counts it, so the rate uses the index of this step.
         update_ema(self.ema, self.denoiser,
                    ema_rate_at(self.steps_taken - 1, self.ema_rate, self.ema_warmup))
