@@ -197,3 +197,36 @@ def test_a_preset_changed_back_shows_the_curve_and_grid_of_the_run_its_row_names
     assert (results / "cpu" / "mnist_eps10_cpu_grid.png").read_bytes() == b"old"
     kept = json.loads((results / "study" / "cpu_mini_curves.json").read_text())
     assert kept["mnist_eps10_cpu"] == {"run_dir": str(base / "dp.old1"), "points": _curve(0.88)}
+
+
+def test_a_fresh_checkout_shows_the_stored_curve_of_the_run_the_current_row_names(tmp_path):
+    """A preset tried on another recipe and changed back, in a checkout whose runs/ holds only the tried
+    run (dp/): the page shows the curve stored for the run the current recipe's row names, not dp/'s."""
+    study = _two_preset_study(tmp_path)
+    results = tmp_path / "results"
+    recipe = preset_recipe(Study.load(study), "mnist_eps10_cpu")
+    other = {**recipe, "lr": recipe["lr"] * 3}
+    base = tmp_path / "runs" / "cpu_mini" / "mnist_eps10_cpu"
+    old, tried = base / "dp.old1", base / "dp"
+    curves_file = results / "study" / "cpu_mini_curves.json"
+    curves_file.write_text(json.dumps({"mnist_eps10_cpu": {"run_dir": str(old), "points": _curve(0.88)}}))
+    _fake_run(tried)
+    (tried / "learning_curve.json").write_text(json.dumps({"points": _curve(0.66)}))
+    rows_file = results / "study" / "cpu_mini.jsonl"
+    kwargs = dict(study_file=study, runs_dir=tmp_path / "runs", results_dir=results / "study",
+                  page=results / "cpu.md", report_only=True, progress=lambda *a: None)
+
+    # Only the tried recipe has a row: the page shows it, marked, with its run's curve; the old curve is kept.
+    rows_file.write_text(json.dumps(_row("mnist_eps10_cpu", "dp", **other, acc_cnn=0.80, run_dir=str(tried))) + "\n")
+    lines = _curve_lines(reproduce_cpu(**kwargs))
+    assert len(lines) == 2 and "66.0%" in lines[1]
+    assert json.loads(curves_file.read_text())["mnist_eps10_cpu"] == {
+        "run_dir": str(tried), "points": _curve(0.66), "other_runs": {str(old): _curve(0.88)}}
+
+    # The current recipe's row (its run dir gone) comes first in the file: its stored curve is back.
+    rows_file.write_text(json.dumps(_row("mnist_eps10_cpu", "dp", **recipe, acc_cnn=0.926, run_dir=str(old)))
+                         + "\n" + rows_file.read_text())
+    lines = _curve_lines(reproduce_cpu(**kwargs))
+    assert len(lines) == 2 and "88.0%" in lines[1] and "66.0%" not in "".join(lines)
+    assert json.loads(curves_file.read_text())["mnist_eps10_cpu"] == {
+        "run_dir": str(old), "points": _curve(0.88), "other_runs": {str(tried): _curve(0.66)}}

@@ -190,9 +190,30 @@ def shown_dp_run(picked_modes: dict[str, tuple[dict, list[str]]], own: Path) -> 
     run the current recipe's row names where that run exists (a preset changed back to an earlier recipe
     reuses the run moved aside for it, `dp.old<i>`), else the variant's own run dir `own`."""
     row, diffs = picked_modes.get(DP, (None, None))
-    if row and not diffs and row.get("run_dir") and (Path(row["run_dir"]) / "summary.json").exists():
+    if row and not diffs and row.get("run_dir"):
+        # Even where that run is gone (a fresh checkout): its stored curve is shown, never that of another
+        # recipe's run left in `own`.
         return Path(row["run_dir"])
     return own
+
+
+def kept_points(entry: dict | None, run_dir: Path) -> list[dict] | None:
+    """The stored curve of `run_dir` in one preset's entry of <study>_curves.json, if it holds one."""
+    if not entry:
+        return None
+    if entry.get("run_dir") == str(run_dir):
+        return entry.get("points")
+    return (entry.get("other_runs") or {}).get(str(run_dir))
+
+
+def keep_points(entry: dict | None, run_dir: Path, points: list[dict]) -> dict:
+    """The entry with `run_dir`'s curve as the shown one; curves of the preset's other runs stay under
+    other_runs, so a preset changed back to an earlier recipe finds its curve without its run dir."""
+    others = dict((entry or {}).get("other_runs") or {})
+    if entry and entry.get("run_dir") and entry.get("run_dir") != str(run_dir):
+        others[entry["run_dir"]] = entry["points"]
+    others.pop(str(run_dir), None)
+    return {"run_dir": str(run_dir), "points": points, **({"other_runs": others} if others else {})}
 
 
 def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *, assets: Path, page: Path,
@@ -325,12 +346,12 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
     for variant in study.variants:
         run_dir = dp_runs[variant]
         if not (run_dir / "summary.json").exists():
-            if variant in kept:
-                curves[variant] = kept[variant]["points"]
+            if points := kept_points(kept.get(variant), run_dir):
+                curves[variant] = points
             continue
         if report_only or (variants is not None and variant not in variants):
             # Not (re)computed in this call: the page still shows the stored curve.
-            stored = (read_json(run_dir / CURVE_FILE) or {}).get("points") or kept.get(variant, {}).get("points")
+            stored = (read_json(run_dir / CURVE_FILE) or {}).get("points") or kept_points(kept.get(variant), run_dir)
             curves[variant] = stored or []
         else:
             dataset = run_dataset(run_dir)
@@ -346,8 +367,9 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
             assets.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(grid, assets / f"{variant}_grid.png")
     for variant, points in curves.items():
-        if points and points != kept.get(variant, {}).get("points"):
-            kept[variant] = {"run_dir": str(dp_runs[variant]), "points": points}
+        entry = kept.get(variant) or {}
+        if points and (entry.get("run_dir"), entry.get("points")) != (str(dp_runs[variant]), points):
+            kept[variant] = keep_points(entry, dp_runs[variant], points)
     if kept:
         write_json_atomic(curves_path, kept)
     plot_learning_curves(curves, assets / "learning_curve.png")
