@@ -283,3 +283,16 @@ def test_a_run_moved_aside_is_reused_by_whatever_still_composes_its_recipe(tmp_p
     said = []
     assert train_run(before, "eps10", "nonprivate", tmp_path, progress=said.append) == kept
     assert len(trained) == 2 and "moved it to nonprivate.old2" in said[0] and "reuses" in said[1]
+
+
+def test_rows_record_the_lr_decay_and_older_rows_read_as_constant():
+    from dpdm.experiments.study import composed_config, config_recipe, recipe_differences
+
+    decayed = config_recipe(composed_config(("experiment=mnist_eps10_cpu", "lr_schedule.kind=linear",
+                                             "lr_schedule.final_fraction=0.5")))
+    assert decayed["lr_schedule"] == {"kind": "linear", "final_fraction": 0.5}
+    constant = config_recipe(composed_config(("experiment=mnist_eps10_cpu",)))
+    assert constant["lr_schedule"] == {"kind": "constant", "final_fraction": 1.0}
+    assert recipe_differences(constant, decayed) == ["lr_schedule.final_fraction", "lr_schedule.kind"]
+    older_row = {k: v for k, v in constant.items() if k != "lr_schedule"}
+    assert recipe_differences(older_row, decayed) == []

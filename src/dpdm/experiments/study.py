@@ -354,7 +354,7 @@ def run_facts(run_dir: Path) -> dict:
 
 
 def config_recipe(cfg: dict) -> dict:
-    """The recipe a row records (batch, K, lr, net shape, noise levels), read from a train config."""
+    """The recipe a row records (batch, K, lr and its decay, net shape, noise levels), from a train config."""
     net = cfg["net"]
     return {
         "batch_size": int(cfg["data"]["batch_size"]), "K": int(cfg["loss"]["noise_multiplicity"]),
@@ -363,6 +363,8 @@ def config_recipe(cfg: dict) -> dict:
         | {"patch_size": net.get("patch_size", 1)},
         # Runs before the `noise` group became `noise_levels` store it under "noise"; so do the rows.
         "noise": {k: v for k, v in (cfg.get("noise_levels") or cfg["noise"]).items() if k != "_target_"},
+        # Runs from before lr decay existed trained at a constant lr.
+        "lr_schedule": dict(cfg.get("lr_schedule") or _ADDED_KEYS["lr_schedule"]),
     }
 
 
