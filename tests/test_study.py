@@ -296,3 +296,23 @@ def test_rows_record_the_lr_decay_and_older_rows_read_as_constant():
     assert recipe_differences(constant, decayed) == ["lr_schedule.final_fraction", "lr_schedule.kind"]
     older_row = {k: v for k, v in constant.items() if k != "lr_schedule"}
     assert recipe_differences(older_row, decayed) == []
+
+
+def test_a_run_is_not_moved_aside_onto_a_name_that_rows_give_an_absent_run(tmp_path, monkeypatch):
+    """A fresh checkout: rows (committed) name dp.old1 for a run whose dir is not here. The run moved aside
+    now must take another name, or the page would show it under dp.old1's row and curve."""
+    from dpdm.experiments.study import Study, train_run
+
+    fake_training(monkeypatch)
+    quiet = lambda *a: None  # noqa: E731
+    study = Study(name="s", train=["experiment=mnist_eps10_cpu"], variants={"v": []}, samplers={"own": "config"})
+    first = train_run(study, "v", "dp", tmp_path, progress=quiet)
+    rows = tmp_path / "rows.jsonl"
+    absent = first.with_name("dp.old1")
+    rows.write_text(json.dumps({"variant": "v", "mode": "dp", "run_dir": str(absent), "train_wall_s": 1.0}) + "\n")
+    changed = Study(name="s", train=["experiment=mnist_eps10_cpu"], variants={"v": ["optim.lr=5e-3"]},
+                    samplers={"own": "config"})
+    said = []
+    train_run(changed, "v", "dp", tmp_path, progress=said.append, rows_path=rows)
+    assert not absent.exists() and (first.with_name("dp.old2") / "summary.json").exists()
+    assert "moved it to dp.old2" in said[0]

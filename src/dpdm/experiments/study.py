@@ -176,7 +176,7 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
             progress(f"[{study.name}] {variant}/{mode}: trained already ({run_dir})")
             return run_dir
         wall = run_facts(run_dir)["train_wall_s"]
-        old = move_aside(run_dir)
+        old = move_aside(run_dir, rows_path)
         progress(f"[{study.name}] {variant}/{mode}: the recipe changed since {run_dir} was trained "
                  f"({'; '.join(changes)}); moved it to {old.name}")
         if rows_path is not None and (n := repoint_rows(rows_path, run_dir, wall, old)):
@@ -275,10 +275,15 @@ def repoint_rows(rows_path: Path, run_dir: Path, train_wall_s: float | None, mov
     return len(scored)
 
 
-def move_aside(path: Path) -> Path:
-    """Rename `path` to the first free <name>.old<i>, keeping what it holds."""
+def move_aside(path: Path, rows_path: Path | None = None) -> Path:
+    """Rename `path` to the first free <name>.old<i>, keeping what it holds. A name that a row in
+    `rows_path` gives a run is not free even where that run is absent (a fresh checkout has no runs/):
+    reusing it would hand that row, and the curve stored for it, another run."""
+    named = {Path(r["run_dir"]).parts[-2:] for r in (read_rows(rows_path) if rows_path and rows_path.exists()
+                                                     else []) if r.get("run_dir")}
     i = 1
-    while path.with_name(f"{path.name}.old{i}").exists():
+    while (path.with_name(f"{path.name}.old{i}").exists()
+           or (path.parent.name, f"{path.name}.old{i}") in named):
         i += 1
     target = path.with_name(f"{path.name}.old{i}")
     path.rename(target)
