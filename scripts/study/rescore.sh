@@ -3,7 +3,7 @@
 #   - the downstream CNN under protocol seeds 1..3 (seed 0 is the preset's own row) → fmnist_protocol_seeds.jsonl
 #   - improved precision / recall against the real test set → fmnist_precision_recall.jsonl
 #
-#   bash scripts/study/rescore.sh "<recipe label>" <run>/samples_preset/samples.npz
+#   bash scripts/study/rescore.sh "<recipe label>" <run>/samples_preset/samples.npz   (SEEDS="1 2 3" by default)
 #
 # Each score is a plain dpdm-evaluate call (its command is in the row); about 1.5 min each on 2 cores.
 set -euo pipefail
@@ -32,7 +32,7 @@ print(json.dumps(row))
 EOF
 }
 
-for seed in 1 2 3; do
+for seed in ${SEEDS-1 2 3}; do  # SEEDS="" scores precision and recall only
   o="evaluation.metrics=[downstream] evaluation.downstream.classifiers=[cnn] evaluation.downstream.val_size=2000"
   o="$o evaluation.downstream.max_epochs=30 evaluation.downstream.patience=5 evaluation.downstream.seed=$seed"
   # shellcheck disable=SC2086
