@@ -187,12 +187,11 @@ def rows_of_current_recipes(study: Study, rows: list[dict]) -> dict[str, dict[st
 
 def shown_dp_run(picked_modes: dict[str, tuple[dict, list[str]]], own: Path) -> Path:
     """The DP run whose table row the page shows, so that its curve and grid come from the same run: the
-    run the current recipe's row names where that run exists (a preset changed back to an earlier recipe
-    reuses the run moved aside for it, `dp.old<i>`), else the variant's own run dir `own`."""
+    run the current recipe's row names (a preset changed back to an earlier recipe reuses the run moved
+    aside for it, `dp.old<i>`), even where that run is gone (a fresh checkout: its stored curve is shown,
+    never that of another recipe's run left in `own`); else the variant's own run dir `own`."""
     row, diffs = picked_modes.get(DP, (None, None))
     if row and not diffs and row.get("run_dir"):
-        # Even where that run is gone (a fresh checkout): its stored curve is shown, never that of another
-        # recipe's run left in `own`.
         return Path(row["run_dir"])
     return own
 
