@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Rescore one samples.npz the way docs/recipes.md compares Fashion-MNIST recipes, appending rows:
-#   - the downstream CNN under protocol seeds 1..3 (seed 0 is the preset's own row) → fmnist_protocol_seeds.jsonl
-#   - improved precision / recall against the real test set → fmnist_precision_recall.jsonl
+# Rescore one samples.npz the way docs/recipes.md compares recipes, appending rows:
+#   - the downstream CNN under protocol seeds 1..3 (seed 0 is the preset's own row) → <prefix>_protocol_seeds.jsonl
+#   - improved precision / recall against the real test set → <prefix>_precision_recall.jsonl
 #
-#   bash scripts/study/rescore.sh "<recipe label>" <run>/samples_preset/samples.npz   (SEEDS="1 2 3" by default)
+#   bash scripts/study/rescore.sh "<recipe label>" <run>/samples_preset/samples.npz
+#   (SEEDS="1 2 3" by default; PREFIX=fmnist by default, e.g. PREFIX=mnist_eps1 for an MNIST ε = 1 run)
 #
 # Each score is a plain dpdm-evaluate call (its command is in the row); about 1.5 min each on 2 cores.
 set -euo pipefail
 label=$1 npz=$2
 bin=${BIN:-.venv/bin}
 rows=${ROWS_DIR:-results/study}
+prefix=${PREFIX:-fmnist}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -19,7 +21,7 @@ import json, platform, os, sys, time
 path, rows, study, overrides, seed, label, npz = sys.argv[1:8]
 m = json.load(open(path))["metrics"]
 row = {"study": study, "recipe": label, "samples": npz}
-if study == "fmnist_protocol_seeds":
+if study.endswith("_protocol_seeds"):
     row.update(protocol_seed=int(seed), classifier="cnn", val_size=2000, max_epochs=30, patience=5,
                acc_cnn=m["eval/acc_cnn"], best_epoch=int(m["eval/best_epoch_cnn"]))
 else:
@@ -37,9 +39,9 @@ for seed in ${SEEDS-1 2 3}; do  # SEEDS="" scores precision and recall only
   o="$o evaluation.downstream.max_epochs=30 evaluation.downstream.patience=5 evaluation.downstream.seed=$seed"
   # shellcheck disable=SC2086
   "$bin/dpdm-evaluate" "$npz" $o out="$tmp/seed$seed" > "$tmp/seed$seed.log" 2>&1 || { tail "$tmp/seed$seed.log"; exit 1; }
-  append "$tmp/seed$seed/eval.json" "$rows/fmnist_protocol_seeds.jsonl" fmnist_protocol_seeds "$o" "$seed"
+  append "$tmp/seed$seed/eval.json" "$rows/${prefix}_protocol_seeds.jsonl" "${prefix}_protocol_seeds" "$o" "$seed"
 done
 o="evaluation.metrics=[precision_recall] evaluation.reference_splits=[test]"
 # shellcheck disable=SC2086
 "$bin/dpdm-evaluate" "$npz" $o out="$tmp/pr" > "$tmp/pr.log" 2>&1 || { tail "$tmp/pr.log"; exit 1; }
-append "$tmp/pr/eval.json" "$rows/fmnist_precision_recall.jsonl" fmnist_precision_recall "$o" ""
+append "$tmp/pr/eval.json" "$rows/${prefix}_precision_recall.jsonl" "${prefix}_precision_recall" "$o" ""
