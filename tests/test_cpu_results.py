@@ -230,3 +230,32 @@ def test_a_fresh_checkout_shows_the_stored_curve_of_the_run_the_current_row_name
     assert len(lines) == 2 and "88.0%" in lines[1] and "66.0%" not in "".join(lines)
     assert json.loads(curves_file.read_text())["mnist_eps10_cpu"] == {
         "run_dir": str(old), "points": _curve(0.88), "other_runs": {str(tried): _curve(0.66)}}
+
+
+def test_a_stored_curve_follows_its_run_when_another_run_is_trained_in_its_dir(tmp_path, monkeypatch):
+    """The study moves a run (or the rows of an absent one) from dp to dp.old1 before training dp again:
+    the curve stored for dp must follow, so the new run's curve does not overwrite it and a preset
+    changed back still shows its own."""
+    from dpdm.experiments import cpu_results
+
+    study, results = _two_preset_study(tmp_path), tmp_path / "results"
+    dp = tmp_path / "runs" / "cpu_mini" / "mnist_eps1_cpu" / "dp"
+    curves_path = results / "study" / "cpu_mini_curves.json"
+    curves_path.write_text(json.dumps({
+        "mnist_eps1_cpu": {"run_dir": str(dp), "points": _curve(0.80),
+                           "other_runs": {str(dp.with_name("dp.old9")): _curve(0.70)}},
+        "mnist_eps10_cpu": {"run_dir": "elsewhere", "points": _curve(0.90), "other_runs": {str(dp): _curve(0.6)}}}))
+
+    def fake_study(*a, on_moved, **k):   # what train_run does: tell of the move, then train into dp
+        on_moved(dp, dp.with_name("dp.old1"))
+        _fake_run(dp)
+
+    monkeypatch.setattr(cpu_results, "run_study", fake_study)
+    monkeypatch.setattr("dpdm.evaluation.protocol.Evaluator", lambda **k: None)
+    monkeypatch.setattr(cpu_results, "learning_curve", lambda run_dir, **kw: _curve(0.95))
+    reproduce_cpu(study_file=study, variants=["mnist_eps1_cpu"], runs_dir=tmp_path / "runs",
+                  results_dir=results / "study", page=results / "cpu.md", progress=lambda *a: None)
+    kept = json.loads(curves_path.read_text())
+    assert kept["mnist_eps1_cpu"] == {"run_dir": str(dp), "points": _curve(0.95), "other_runs": {
+        str(dp.with_name("dp.old9")): _curve(0.70), str(dp.with_name("dp.old1")): _curve(0.80)}}
+    assert kept["mnist_eps10_cpu"]["other_runs"] == {str(dp.with_name("dp.old1")): _curve(0.6)}

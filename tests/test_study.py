@@ -276,13 +276,14 @@ def test_a_run_moved_aside_is_reused_by_whatever_still_composes_its_recipe(tmp_p
     second = train_run(after, "eps10", "nonprivate", tmp_path, progress=quiet, rows_path=rows)
     assert second == first and len(trained) == 2          # retrained in place; the first moved aside
     kept = first.with_name("nonprivate.old1")
-    # The rows that scored the moved run follow it; the other one is left as it was.
+    # The rows that scored the moved run follow it; the other one, of a training not here, takes the next
+    # free name before the new run is trained into the directory it named.
     assert [json.loads(line)["run_dir"] for line in rows.read_text().splitlines()] == [
-        str(kept), str(kept), str(first)]
+        str(kept), str(kept), str(first.with_name("nonprivate.old2"))]
     assert train_run(after, "eps1", "nonprivate", tmp_path, progress=quiet) == kept
     said = []
-    assert train_run(before, "eps10", "nonprivate", tmp_path, progress=said.append) == kept
-    assert len(trained) == 2 and "moved it to nonprivate.old2" in said[0] and "reuses" in said[1]
+    assert train_run(before, "eps10", "nonprivate", tmp_path, progress=said.append, rows_path=rows) == kept
+    assert len(trained) == 2 and "moved it to nonprivate.old3" in said[0] and "reuses" in said[1]
 
 
 def test_rows_record_the_lr_decay_and_older_rows_read_as_constant():
@@ -316,3 +317,44 @@ def test_a_run_is_not_moved_aside_onto_a_name_that_rows_give_an_absent_run(tmp_p
     train_run(changed, "v", "dp", tmp_path, progress=said.append, rows_path=rows)
     assert not absent.exists() and (first.with_name("dp.old2") / "summary.json").exists()
     assert "moved it to dp.old2" in said[0]
+
+
+def test_rows_naming_an_absent_run_follow_it_to_old_names_before_a_run_is_trained_there(tmp_path, monkeypatch):
+    """A fresh checkout: committed rows name dp for two earlier trainings (told apart by wall time) whose
+    dirs are not here, and dp.old1 for a third. Training into dp must first point those rows at free old
+    names, the run scored last at the last name, and say so to `on_moved` (the stored curve follows it);
+    rows of other dirs and of the new run are left alone."""
+    from dpdm.experiments.study import Study, _scored, train_run
+
+    trained = fake_training(monkeypatch)
+    study = Study(name="s", train=["experiment=mnist_eps10_cpu"], variants={"v": []}, samplers={"own": "config"})
+    run = tmp_path / "s" / "v" / "dp"
+    rows = tmp_path / "rows.jsonl"
+    given = [(str(run), 5.0), (str(run.with_name("dp.old1")), 3.0), (str(run), 9.0), (str(run), 5.0),
+             (str(run.with_name("nonprivate")), 9.0)]
+    rows.write_text("".join(json.dumps({"variant": "v", "mode": "dp", "sampler": "own", "sample_n": 10,
+                                        "run_dir": d, "train_wall_s": w}) + "\n" for d, w in given))
+    moved, said = [], []
+    assert train_run(study, "v", "dp", tmp_path, progress=said.append, rows_path=rows,
+                     on_moved=lambda a, b: moved.append((a, b))) == run
+    assert len(trained) == 1 and (run / "summary.json").exists()
+    # wall 9.0's last row comes before wall 5.0's: 9.0 takes dp.old2, 5.0 (scored last) dp.old3.
+    assert [json.loads(line)["run_dir"] for line in rows.read_text().splitlines()] == [
+        str(run.with_name(n)) for n in ("dp.old3", "dp.old1", "dp.old2", "dp.old3", "nonprivate")]
+    assert moved == [(run, run.with_name("dp.old3"))]
+    assert "2 run(s) not here" in said[0] and "dp.old2, dp.old3" in said[0]
+    # The new run is not taken for any of them: it has not been scored.
+    assert not _scored(rows, "v", "dp", "own", run, 10, False, train_wall_s=100.0)
+
+
+def test_a_run_moved_aside_for_a_changed_recipe_is_told_to_on_moved(tmp_path, monkeypatch):
+    from dpdm.experiments.study import Study, train_run
+
+    fake_training(monkeypatch)
+    study = Study(name="s", train=["experiment=mnist_eps10_cpu"], variants={"v": []}, samplers={"own": "config"})
+    run = train_run(study, "v", "dp", tmp_path, progress=lambda *a: None)
+    moved = []
+    study.variants["v"] = ["optim.lr=5e-3"]
+    train_run(study, "v", "dp", tmp_path, progress=lambda *a: None, rows_path=tmp_path / "none.jsonl",
+              on_moved=lambda a, b: moved.append((a, b)))
+    assert moved == [(run, run.with_name("dp.old1"))]

@@ -215,6 +215,21 @@ def keep_points(entry: dict | None, run_dir: Path, points: list[dict]) -> dict:
     return {"run_dir": str(run_dir), "points": points, **({"other_runs": others} if others else {})}
 
 
+def follow_moved_run(curves_path: Path, old: Path, new: Path) -> None:
+    """The run that `old` held is now named `new` (moved aside, or named there by its rows when absent):
+    its stored curve follows, so the curve of the run trained into `old` next does not overwrite it."""
+    kept = read_json(curves_path)
+    if not kept:
+        return
+    for entry in kept.values():
+        if entry.get("run_dir") == str(old):
+            entry["run_dir"] = str(new)
+        others = entry.get("other_runs") or {}
+        if str(old) in others:
+            others[str(new)] = others.pop(str(old))
+    write_json_atomic(curves_path, kept)
+
+
 def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *, assets: Path, page: Path,
                 curve_n: int, command: str) -> str:
     """The markdown of results/cpu.md from the study's rows and the curves (images are under `assets`)."""
@@ -328,15 +343,16 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
     from dpdm.evaluation.protocol import Evaluator
 
     study = Study.load(study_file)
-    if not report_only:
-        run_study(study, runs_dir=runs_dir, results_dir=results_dir, variants=variants, modes=modes,
-                  downstream=True, data_dir=data_dir, progress=progress)
-    rows_path = results_dir / f"{study.name}.jsonl"
-    rows = read_rows(rows_path) if rows_path.exists() else []
-    assets = page.parent / page.stem
     # The curves live beside the rows in results/, so the page keeps them when runs/ is gone (a fresh
     # checkout): a run's own learning_curve.json is newer when it exists.
     curves_path = results_dir / f"{study.name}_curves.json"
+    if not report_only:
+        run_study(study, runs_dir=runs_dir, results_dir=results_dir, variants=variants, modes=modes,
+                  downstream=True, data_dir=data_dir, progress=progress,
+                  on_moved=lambda old, new: follow_moved_run(curves_path, old, new))
+    rows_path = results_dir / f"{study.name}.jsonl"
+    rows = read_rows(rows_path) if rows_path.exists() else []
+    assets = page.parent / page.stem
     kept = read_json(curves_path) or {}
     curves: dict[str, list[dict]] = {}
     evaluators: dict = {}   # one per dataset

@@ -37,6 +37,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,11 +164,14 @@ def _leaves(d, prefix: str = "") -> dict:
 
 
 def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=print,
-              rows_path: Path | None = None) -> Path:
+              rows_path: Path | None = None, on_moved: Callable[[Path, Path], None] | None = None) -> Path:
     """Train one (variant, mode) run unless a finished one (summary.json) of the same recipe exists;
     returns the run dir. A finished run of another recipe is moved aside (kept), and the rows in
     `rows_path` that scored it follow it there; then a run of the recipe asked for is reused where one
-    exists (`_same_recipe_run`), else trained."""
+    exists (`_same_recipe_run`), else trained. Rows that name the run dir for a run not here (committed
+    rows in a fresh checkout) are pointed at a free old name first, so they never score the new run.
+    `on_moved(run_dir, new_name)` is told of each move, for whatever else is keyed by run dir (the
+    stored learning curves)."""
     run_dir = runs_dir / study.name / variant / mode
     overrides = run_overrides(study, variant, mode)
     if (run_dir / "summary.json").exists():
@@ -181,10 +185,17 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
                  f"({'; '.join(changes)}); moved it to {old.name}")
         if rows_path is not None and (n := repoint_rows(rows_path, run_dir, wall, old)):
             progress(f"    {n} row(s) of {rows_path} now name {old}")
+        if on_moved is not None:
+            on_moved(run_dir, old)
     if twin := _same_recipe_run(study, variant, mode, runs_dir):
         progress(f"[{study.name}] {variant}/{mode}: the same recipe as {twin} (trained for "
                  f"{twin.parent.name}), which it reuses")
         return twin
+    if absent := set_aside_absent_runs(run_dir, rows_path):
+        progress(f"[{study.name}] {variant}/{mode}: rows of {rows_path} name {run_dir} for "
+                 f"{len(absent)} run(s) not here; they now name {', '.join(p.name for p in absent)}")
+        if on_moved is not None:   # the stored curve is that of the run most recently scored there
+            on_moved(run_dir, absent[-1])
     progress(f"[{study.name}] {variant}/{mode}: training ({' '.join(overrides) or 'defaults'})")
     if run_dir.exists():  # a killed earlier attempt: start the run over, it has no result to keep
         import shutil
@@ -275,19 +286,39 @@ def repoint_rows(rows_path: Path, run_dir: Path, train_wall_s: float | None, mov
     return len(scored)
 
 
-def move_aside(path: Path, rows_path: Path | None = None) -> Path:
-    """Rename `path` to the first free <name>.old<i>, keeping what it holds. A name that a row in
-    `rows_path` gives a run is not free even where that run is absent (a fresh checkout has no runs/):
-    reusing it would hand that row, and the curve stored for it, another run."""
+def free_old_name(path: Path, rows_path: Path | None = None) -> Path:
+    """The first <name>.old<i> beside `path` that is free. A name that a row in `rows_path` gives a run is
+    not free even where that run is absent (a fresh checkout has no runs/): reusing it would hand that
+    row, and the curve stored for it, another run."""
     named = {Path(r["run_dir"]).parts[-2:] for r in (read_rows(rows_path) if rows_path and rows_path.exists()
                                                      else []) if r.get("run_dir")}
     i = 1
     while (path.with_name(f"{path.name}.old{i}").exists()
            or (path.parent.name, f"{path.name}.old{i}") in named):
         i += 1
-    target = path.with_name(f"{path.name}.old{i}")
+    return path.with_name(f"{path.name}.old{i}")
+
+
+def move_aside(path: Path, rows_path: Path | None = None) -> Path:
+    """Rename `path` to the first free <name>.old<i> (`free_old_name`), keeping what it holds."""
+    target = free_old_name(path, rows_path)
     path.rename(target)
     return target
+
+
+def set_aside_absent_runs(run_dir: Path, rows_path: Path | None) -> list[Path]:
+    """Before a run is trained into `run_dir`, which holds no finished run: point the rows of `rows_path`
+    that name it (for runs not here, told apart by training wall time as `_scored` does) at a free old
+    name per run. The names given, the run most recently scored last."""
+    if rows_path is None or not rows_path.exists():
+        return []
+    walls = [r.get("train_wall_s") for r in read_rows(rows_path) if r.get("run_dir") == str(run_dir)]
+    names = []
+    for wall in reversed(list(dict.fromkeys(reversed(walls)))):   # by each run's last row
+        target = free_old_name(run_dir, rows_path)
+        repoint_rows(rows_path, run_dir, wall, target)
+        names.append(target)
+    return names
 
 
 def draw(ckpt: Path, out: Path, *, n: int, batch_size: int, spec: dict | None, extra: list[str],
@@ -417,8 +448,9 @@ def _git_commit() -> str | None:
 
 def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list[str] | None = None,
               modes: list[str] | None = None, downstream: bool = False, data_dir: str | None = None,
-              progress=print) -> Path:
-    """Train, sample and score every requested (variant, mode, sampler); append rows; the rows file."""
+              progress=print, on_moved: Callable[[Path, Path], None] | None = None) -> Path:
+    """Train, sample and score every requested (variant, mode, sampler); append rows; the rows file.
+    `on_moved` is passed to `train_run`."""
     from dpdm.evaluation.protocol import EvalSettings, Evaluator
 
     chosen = variants or list(study.variants)
@@ -434,7 +466,7 @@ def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list
     evaluators: dict = {}   # one per dataset: a study may mix MNIST and Fashion-MNIST presets
     for variant in chosen:
         for mode in modes:
-            run_dir = train_run(study, variant, mode, runs_dir, progress, rows_path=rows_path)
+            run_dir = train_run(study, variant, mode, runs_dir, progress, rows_path=rows_path, on_moved=on_moved)
             facts = run_facts(run_dir)
             dataset = run_dataset(run_dir)
             if dataset not in evaluators:
