@@ -358,3 +358,28 @@ def test_a_run_moved_aside_for_a_changed_recipe_is_told_to_on_moved(tmp_path, mo
     train_run(study, "v", "dp", tmp_path, progress=lambda *a: None, rows_path=tmp_path / "none.jsonl",
               on_moved=lambda a, b: moved.append((a, b)))
     assert moved == [(run, run.with_name("dp.old1"))]
+
+
+def test_rescoring_rows_beside_the_studys_follow_the_run_and_its_samples_when_it_moves(tmp_path, monkeypatch):
+    """scripts/study/rescore.sh appends rows (protocol seeds, precision / recall) beside the study's, naming
+    the run by dir and wall time and its samples by path: when the run is moved aside, or trained over in a
+    fresh checkout, they follow it like the study's own rows; rows of another training are left alone."""
+    from dpdm.experiments.study import Study, train_run
+
+    fake_training(monkeypatch)
+    quiet = lambda *a: None  # noqa: E731
+    study = Study(name="s", train=["experiment=mnist_eps10_cpu"], variants={"v": []}, samplers={"own": "config"})
+    run = train_run(study, "v", "dp", tmp_path, progress=quiet)
+    rows, seeds = tmp_path / "s.jsonl", tmp_path / "s_protocol_seeds.jsonl"
+    rows.write_text(json.dumps({"variant": "v", "mode": "dp", "run_dir": str(run), "train_wall_s": 100.0}) + "\n")
+    rescored = {"samples": str(run / "samples_preset" / "samples.npz"), "run_dir": str(run)}
+    seeds.write_text("".join(json.dumps({**rescored, "train_wall_s": w}) + "\n" for w in (100.0, 50.0)))
+    study.variants["v"] = ["optim.lr=5e-3"]
+    train_run(study, "v", "dp", tmp_path, progress=quiet, rows_path=rows)
+    moved, other = [json.loads(line) for line in seeds.read_text().splitlines()]
+    assert moved == {"samples": str(run.with_name("dp.old1") / "samples_preset" / "samples.npz"),
+                     "run_dir": str(run.with_name("dp.old1")), "train_wall_s": 100.0}
+    # The other training (wall 50) is not here either: it takes the next free name before dp is trained.
+    assert other["run_dir"] == str(run.with_name("dp.old2"))
+    assert other["samples"] == str(run.with_name("dp.old2") / "samples_preset" / "samples.npz")
+    assert json.loads(rows.read_text())["run_dir"] == str(run.with_name("dp.old1"))

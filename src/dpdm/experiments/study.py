@@ -183,8 +183,9 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
         old = move_aside(run_dir, rows_path)
         progress(f"[{study.name}] {variant}/{mode}: the recipe changed since {run_dir} was trained "
                  f"({'; '.join(changes)}); moved it to {old.name}")
-        if rows_path is not None and (n := repoint_rows(rows_path, run_dir, wall, old)):
-            progress(f"    {n} row(s) of {rows_path} now name {old}")
+        for path in rows_files(rows_path) if rows_path is not None else []:
+            if n := repoint_rows(path, run_dir, wall, old):
+                progress(f"    {n} row(s) of {path} now name {old}")
         if on_moved is not None:
             on_moved(run_dir, old)
     if twin := _same_recipe_run(study, variant, mode, runs_dir):
@@ -274,24 +275,34 @@ def same_sampler(a: dict | None, b: dict | None) -> bool:
 
 def repoint_rows(rows_path: Path, run_dir: Path, train_wall_s: float | None, moved_to: Path) -> int:
     """Point the rows that scored the run trained in `run_dir` (named by directory and training wall time,
-    as `_scored` does) at `moved_to`, where that run now lies; the number of rows changed. Without this a
-    row that another variant reuses (a shared control) would name whatever is trained there next."""
+    as `_scored` does) at `moved_to`, where that run now lies, with the sample sets they name inside it;
+    the number of rows changed. Without this a row that another variant reuses (a shared control) would
+    name whatever is trained there next."""
     rows = read_rows(rows_path) if rows_path.exists() else []
     scored = [r for r in rows if r.get("run_dir") == str(run_dir) and r.get("train_wall_s") == train_wall_s]
     for row in scored:
         row["run_dir"] = str(moved_to)
+        inside = Path(row["samples"]) if row.get("samples") else None
+        if inside is not None and inside.is_relative_to(run_dir):
+            row["samples"] = str(moved_to / inside.relative_to(run_dir))
     if scored:
         with atomic_path(rows_path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return len(scored)
 
 
+def rows_files(rows_path: Path) -> list[Path]:
+    """The study's rows file and the rows files beside it (scripts/study/rescore.sh's rescoring of a run's
+    samples): every row that names a run by dir and wall time follows it when it moves."""
+    return [rows_path, *sorted(p for p in rows_path.parent.glob("*.jsonl") if p != rows_path)]
+
+
 def free_old_name(path: Path, rows_path: Path | None = None) -> Path:
-    """The first <name>.old<i> beside `path` that is free. A name that a row in `rows_path` gives a run is
-    not free even where that run is absent (a fresh checkout has no runs/): reusing it would hand that
-    row, and the curve stored for it, another run."""
-    named = {Path(r["run_dir"]).parts[-2:] for r in (read_rows(rows_path) if rows_path and rows_path.exists()
-                                                     else []) if r.get("run_dir")}
+    """The first <name>.old<i> beside `path` that is free. A name that a row in `rows_path` (or in a rows
+    file beside it) gives a run is not free even where that run is absent (a fresh checkout has no
+    runs/): reusing it would hand that row, and the curve stored for it, another run."""
+    named = {Path(r["run_dir"]).parts[-2:] for f in (rows_files(rows_path) if rows_path else [])
+             if f.exists() for r in read_rows(f) if r.get("run_dir")}
     i = 1
     while (path.with_name(f"{path.name}.old{i}").exists()
            or (path.parent.name, f"{path.name}.old{i}") in named):
@@ -308,15 +319,17 @@ def move_aside(path: Path, rows_path: Path | None = None) -> Path:
 
 def set_aside_absent_runs(run_dir: Path, rows_path: Path | None) -> list[Path]:
     """Before a run is trained into `run_dir`, which holds no finished run: point the rows of `rows_path`
-    that name it (for runs not here, told apart by training wall time as `_scored` does) at a free old
-    name per run. The names given, the run most recently scored last."""
-    if rows_path is None or not rows_path.exists():
+    and of the rows files beside it that name it (for runs not here, told apart by training wall time as
+    `_scored` does) at a free old name per run. The names given, the run most recently scored last."""
+    if rows_path is None:
         return []
-    walls = [r.get("train_wall_s") for r in read_rows(rows_path) if r.get("run_dir") == str(run_dir)]
+    files = [p for p in rows_files(rows_path) if p.exists()]
+    walls = [r.get("train_wall_s") for p in files for r in read_rows(p) if r.get("run_dir") == str(run_dir)]
     names = []
     for wall in reversed(list(dict.fromkeys(reversed(walls)))):   # by each run's last row
         target = free_old_name(run_dir, rows_path)
-        repoint_rows(rows_path, run_dir, wall, target)
+        for path in files:
+            repoint_rows(path, run_dir, wall, target)
         names.append(target)
     return names
 
