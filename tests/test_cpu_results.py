@@ -259,3 +259,7 @@ def test_a_stored_curve_follows_its_run_when_another_run_is_trained_in_its_dir(t
     assert kept["mnist_eps1_cpu"] == {"run_dir": str(dp), "points": _curve(0.95), "other_runs": {
         str(dp.with_name("dp.old9")): _curve(0.70), str(dp.with_name("dp.old1")): _curve(0.80)}}
     assert kept["mnist_eps10_cpu"]["other_runs"] == {str(dp.with_name("dp.old1")): _curve(0.6)}
+    # A move that no stored curve names leaves the file as it is.
+    before = curves_path.stat().st_mtime_ns
+    cpu_results.follow_moved_run(curves_path, dp.with_name("elsewhere"), dp.with_name("elsewhere.old1"))
+    assert curves_path.stat().st_mtime_ns == before and json.loads(curves_path.read_text()) == kept

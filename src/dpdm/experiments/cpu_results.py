@@ -219,15 +219,15 @@ def follow_moved_run(curves_path: Path, old: Path, new: Path) -> None:
     """The run that `old` held is now named `new` (moved aside, or named there by its rows when absent):
     its stored curve follows, so the curve of the run trained into `old` next does not overwrite it."""
     kept = read_json(curves_path)
-    if not kept:
-        return
-    for entry in kept.values():
+    moved = False
+    for entry in (kept or {}).values():
         if entry.get("run_dir") == str(old):
-            entry["run_dir"] = str(new)
+            entry["run_dir"], moved = str(new), True
         others = entry.get("other_runs") or {}
         if str(old) in others:
-            others[str(new)] = others.pop(str(old))
-    write_json_atomic(curves_path, kept)
+            others[str(new)], moved = others.pop(str(old)), True
+    if moved:
+        write_json_atomic(curves_path, kept)
 
 
 def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *, assets: Path, page: Path,
