@@ -383,3 +383,44 @@ def test_rescoring_rows_beside_the_studys_follow_the_run_and_its_samples_when_it
     assert other["run_dir"] == str(run.with_name("dp.old2"))
     assert other["samples"] == str(run.with_name("dp.old2") / "samples_preset" / "samples.npz")
     assert json.loads(rows.read_text())["run_dir"] == str(run.with_name("dp.old1"))
+
+
+def test_rescore_script_rows_name_their_run_so_a_move_carries_them(tmp_path, monkeypatch):
+    """scripts/study/rescore.sh (dpdm-evaluate faked through its BIN override) records the run its samples
+    came from as the study's rows do (run_facts: dir and wall time); the study then moves them with it."""
+    import sys
+
+    from dpdm.experiments.study import Study, run_facts, train_run
+
+    fake_training(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    study = Study(name="s", train=["experiment=mnist_eps10_cpu"], variants={"v": []}, samplers={"own": "config"})
+    run = train_run(study, "v", "dp", Path("runs"), progress=lambda *a: None)
+    npz = run / "samples_preset" / "samples.npz"
+    npz.parent.mkdir()
+    npz.write_bytes(b"")
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')   # keeps the venv
+    (fake_bin / "python").chmod(0o755)
+    (fake_bin / "dpdm-evaluate").write_text(
+        "#!/bin/sh\nfor a; do case $a in out=*) out=${a#out=};; esac; done\nmkdir -p \"$out\"\n"
+        "echo '{\"metrics\": {\"eval/acc_cnn\": 0.5, \"eval/best_epoch_cnn\": 3, \"eval/precision_test\": 0.8,"
+        " \"eval/recall_test\": 0.1}}' > \"$out/eval.json\"\n")
+    (fake_bin / "dpdm-evaluate").chmod(0o755)
+    results = tmp_path / "results"
+    results.mkdir()
+    done = subprocess.run(["bash", str(REPO / "scripts" / "study" / "rescore.sh"), "label", str(npz)],
+                          env={**cli_env(), "BIN": str(fake_bin), "ROWS_DIR": str(results), "PREFIX": "t",
+                               "SEEDS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(line) for f in ("t_protocol_seeds.jsonl", "t_precision_recall.jsonl")
+            for line in (results / f).read_text().splitlines()]
+    assert [(r["run_dir"], r["train_wall_s"]) for r in rows] == [(str(run), run_facts(run)["train_wall_s"])] * 2
+    assert rows[0]["acc_cnn"] == 0.5 and rows[1]["recall_test"] == 0.1
+    study.variants["v"] = ["optim.lr=5e-3"]
+    train_run(study, "v", "dp", Path("runs"), progress=lambda *a: None, rows_path=results / "s.jsonl")
+    moved = [json.loads(line) for f in ("t_protocol_seeds.jsonl", "t_precision_recall.jsonl")
+             for line in (results / f).read_text().splitlines()]
+    assert {(r["run_dir"], r["samples"]) for r in moved} == {
+        (str(run.with_name("dp.old1")), str(run.with_name("dp.old1") / "samples_preset" / "samples.npz"))}

@@ -21,11 +21,13 @@ import json, platform, os, sys, time
 path, rows, study, overrides, seed, label, npz = sys.argv[1:8]
 m = json.load(open(path))["metrics"]
 row = {"study": study, "recipe": label, "samples": npz}
-# The training run the samples came from, named as the study's rows name it (dir and wall time), so that
-# dpdm-study / dpdm-reproduce can point this row at the run's new name when they move it aside.
+# The training run the samples came from, named as the study's rows name it (dir and wall time, from
+# run_facts), so that dpdm-study / dpdm-reproduce can point this row at the run's new name when they move it.
 run = os.path.dirname(os.path.dirname(os.path.normpath(npz)))
 if os.path.exists(os.path.join(run, "summary.json")):
-    row.update(run_dir=run, train_wall_s=json.load(open(os.path.join(run, "summary.json"))).get("wall_time_s"))
+    from pathlib import Path
+    from dpdm.experiments.study import run_facts
+    row.update(run_dir=run, train_wall_s=run_facts(Path(run))["train_wall_s"])
 if study.endswith("_protocol_seeds"):
     row.update(protocol_seed=int(seed), classifier="cnn", val_size=2000, max_epochs=30, patience=5,
                acc_cnn=m["eval/acc_cnn"], best_epoch=int(m["eval/best_epoch_cnn"]))

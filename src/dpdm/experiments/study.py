@@ -183,9 +183,8 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
         old = move_aside(run_dir, rows_path)
         progress(f"[{study.name}] {variant}/{mode}: the recipe changed since {run_dir} was trained "
                  f"({'; '.join(changes)}); moved it to {old.name}")
-        for path in rows_files(rows_path) if rows_path is not None else []:
-            if n := repoint_rows(path, run_dir, wall, old):
-                progress(f"    {n} row(s) of {path} now name {old}")
+        for path, n in repoint_run(rows_path, run_dir, wall, old).items():
+            progress(f"    {n} row(s) of {path} now name {old}")
         if on_moved is not None:
             on_moved(run_dir, old)
     if twin := _same_recipe_run(study, variant, mode, runs_dir):
@@ -193,7 +192,7 @@ def train_run(study: Study, variant: str, mode: str, runs_dir: Path, progress=pr
                  f"{twin.parent.name}), which it reuses")
         return twin
     if absent := set_aside_absent_runs(run_dir, rows_path):
-        progress(f"[{study.name}] {variant}/{mode}: rows of {rows_path} name {run_dir} for "
+        progress(f"[{study.name}] {variant}/{mode}: rows in {rows_path.parent} name {run_dir} for "
                  f"{len(absent)} run(s) not here; they now name {', '.join(p.name for p in absent)}")
         if on_moved is not None:   # the stored curve is that of the run most recently scored there
             on_moved(run_dir, absent[-1])
@@ -291,6 +290,12 @@ def repoint_rows(rows_path: Path, run_dir: Path, train_wall_s: float | None, mov
     return len(scored)
 
 
+def repoint_run(rows_path: Path | None, run_dir: Path, train_wall_s: float | None, moved_to: Path) -> dict:
+    """`repoint_rows` over the study's rows file and the rows files beside it: {file: rows changed}."""
+    files = rows_files(rows_path) if rows_path is not None else []
+    return {p: n for p in files if (n := repoint_rows(p, run_dir, train_wall_s, moved_to))}
+
+
 def rows_files(rows_path: Path) -> list[Path]:
     """The study's rows file and the rows files beside it (scripts/study/rescore.sh's rescoring of a run's
     samples): every row that names a run by dir and wall time follows it when it moves."""
@@ -323,13 +328,12 @@ def set_aside_absent_runs(run_dir: Path, rows_path: Path | None) -> list[Path]:
     `_scored` does) at a free old name per run. The names given, the run most recently scored last."""
     if rows_path is None:
         return []
-    files = [p for p in rows_files(rows_path) if p.exists()]
-    walls = [r.get("train_wall_s") for p in files for r in read_rows(p) if r.get("run_dir") == str(run_dir)]
+    walls = [r.get("train_wall_s") for p in rows_files(rows_path) if p.exists() for r in read_rows(p)
+             if r.get("run_dir") == str(run_dir)]
     names = []
     for wall in reversed(list(dict.fromkeys(reversed(walls)))):   # by each run's last row
         target = free_old_name(run_dir, rows_path)
-        for path in files:
-            repoint_rows(path, run_dir, wall, target)
+        repoint_run(rows_path, run_dir, wall, target)
         names.append(target)
     return names
 
