@@ -179,7 +179,7 @@ def test_the_model_group_assembles_what_the_top_level_groups_say():
 def test_checkpoints_before_the_rename_still_load(tmp_path):
     """Checkpoints name the preconditioning "preconditioning" now and "denoiser" before; both load to
     the same denoiser, and a build config naming neither gets a clear error."""
-    from dpdm.training.checkpoint import CheckpointError, load_ema_denoiser
+    from dpdm.training.checkpoint import CheckpointError, load_denoiser
 
     old = torch.load(_write_checkpoint(tmp_path / "old.ckpt"), weights_only=True)
     new = {"dpdm": {"build_config": dict(old["dpdm"]["build_config"])}, "state_dict": old["state_dict"]}
@@ -187,13 +187,32 @@ def test_checkpoints_before_the_rename_still_load(tmp_path):
     x, sigma = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0.5, 3.0])
     labels = torch.tensor([1, 2])
     with torch.no_grad():
-        assert torch.equal(load_ema_denoiser(old)(x, sigma, labels), load_ema_denoiser(new)(x, sigma, labels))
+        assert torch.equal(load_denoiser(old)(x, sigma, labels), load_denoiser(new)(x, sigma, labels))
     del new["dpdm"]["build_config"]["preconditioning"]
     with pytest.raises(CheckpointError, match="names no preconditioning"):
-        load_ema_denoiser(new)
+        load_denoiser(new)
 
 
 # ---- dpdm-sample with every sampler preset ---------------------------------------------------------
+
+def test_load_denoiser_picks_the_ema_or_the_raw_weights(tmp_path):
+    """Sampling reads the EMA weights, the clipping diagnostics the raw ones the DP step saw; a file
+    holding only EMA weights (an export) is refused for raw, by name."""
+    from dpdm.training.checkpoint import CheckpointError, build_denoiser, load_denoiser
+
+    ema = torch.load(_write_checkpoint(tmp_path / "c.ckpt"), weights_only=True)
+    torch.manual_seed(7)
+    raw = build_denoiser(ema).state_dict()
+    ckpt = {**ema, "state_dict": {**ema["state_dict"], **{f"denoiser.{k}": v for k, v in raw.items()}}}
+    for weights, expected in [("ema", ema["state_dict"]), ("raw", {f"ema.{k}": v for k, v in raw.items()})]:
+        got = load_denoiser(ckpt, weights=weights).state_dict()
+        assert all(torch.equal(got[k], expected[f"ema.{k}"]) for k in got)
+    assert not all(torch.equal(raw[k], ema["state_dict"][f"ema.{k}"]) for k in raw)
+    with pytest.raises(CheckpointError, match="no raw weights"):
+        load_denoiser(ema, weights="raw")
+    with pytest.raises(ValueError, match="choose one of"):
+        load_denoiser(ckpt, weights="last")
+
 
 def _write_checkpoint(path: Path, num_classes: int = 10):
     """A dpdm-train-shaped checkpoint of a tiny random network (no training needed to test plumbing)."""

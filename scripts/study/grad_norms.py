@@ -26,7 +26,7 @@ from dpdm.data.cache import load_split
 from dpdm.diffusion.loss import TrainingNoise, denoising_loss_per_example, draw_training_noise
 from dpdm.diffusion.preconditioning import Denoiser
 from dpdm.privacy.engine import make_per_example_engine
-from dpdm.training.checkpoint import load_checkpoint, preconditioning_config
+from dpdm.training.checkpoint import build_denoiser, load_checkpoint, load_denoiser
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SIGMA_GRID = (0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 80.0)
@@ -34,14 +34,12 @@ CHUNK = 64
 
 
 def denoiser_at(ckpt: dict, *, initial: bool, seed: int) -> Denoiser:
-    cfg = ckpt["dpdm"]["build_config"]
-    torch.manual_seed(seed)  # a fresh initialization of the run's network, the same on every call
-    denoiser = Denoiser(instantiate(cfg["net"]), instantiate(preconditioning_config(cfg)))
-    if not initial:
-        prefix = "denoiser."
-        denoiser.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items()
-                                  if k.startswith(prefix)})
-    return denoiser
+    if initial:
+        torch.manual_seed(seed)  # a fresh initialization of the run's network, the same on every call
+        denoiser = build_denoiser(ckpt)
+    else:
+        denoiser = load_denoiser(ckpt, weights="raw")
+    return denoiser.train().requires_grad_(True)  # as the DP step sees it
 
 
 def per_example_norms(denoiser: Denoiser, x, draw_noise, *, K: int, pixel_reduction: str) -> torch.Tensor:

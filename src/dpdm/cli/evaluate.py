@@ -60,13 +60,13 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
     from dpdm.training.checkpoint import (
         checkpoint_dataset,
         load_checkpoint,
-        load_ema_denoiser,
+        load_denoiser,
         sampler_for,
         sampler_on_command_line,
     )
 
     ckpt = load_checkpoint(path)
-    denoiser = prepare_for_sampling(load_ema_denoiser(ckpt), device, channels_last=cfg.channels_last,
+    denoiser = prepare_for_sampling(load_denoiser(ckpt), device, channels_last=cfg.channels_last,
                                     compile=cfg.compile)
     net = denoiser.net
     shape = denoiser.image_shape

@@ -81,7 +81,7 @@ def run_sampling(cfg: DictConfig) -> Path:
     from dpdm.training.checkpoint import (
         checkpoint_dataset,
         load_checkpoint,
-        load_ema_denoiser,
+        load_denoiser,
         sampler_for,
         sampler_on_command_line,
     )
@@ -96,7 +96,7 @@ def run_sampling(cfg: DictConfig) -> Path:
         raise FileExistsError(f"{target} exists; pass overwrite=true or choose another out=")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     ckpt = load_checkpoint(cfg.ckpt)
-    denoiser = prepare_for_sampling(load_ema_denoiser(ckpt), device, channels_last=cfg.channels_last,
+    denoiser = prepare_for_sampling(load_denoiser(ckpt), device, channels_last=cfg.channels_last,
                                     compile=cfg.compile)
     labels = class_labels_for(cfg.classes, cfg.n, denoiser.net.num_classes)
     sampler = sampler_for(ckpt, cfg.sampler, sampler_on_command_line(), log=log.info)

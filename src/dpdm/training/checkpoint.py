@@ -116,13 +116,27 @@ def preconditioning_config(build_config: dict) -> dict:
     raise CheckpointError("checkpoint's build config names no preconditioning; it was not written by dpdm-train")
 
 
-def load_ema_denoiser(ckpt: dict) -> Denoiser:
-    """The EMA denoiser of a training checkpoint, rebuilt from the config stored with it."""
+def build_denoiser(ckpt: dict) -> Denoiser:
+    """A freshly initialized denoiser of the network a checkpoint was trained with (seed torch first)."""
     cfg = ckpt["dpdm"].get("build_config")
     if not cfg:
         raise CheckpointError("checkpoint lacks its build config; it was not written by dpdm-train")
-    denoiser = Denoiser(instantiate(cfg["net"]), instantiate(preconditioning_config(cfg)))
-    prefix = "ema."
+    return Denoiser(instantiate(cfg["net"]), instantiate(preconditioning_config(cfg)))
+
+
+# The EMA weights are what one samples from; the raw weights are what the DP step clipped and noised.
+WEIGHT_PREFIXES = {"ema": "ema.", "raw": "denoiser."}
+
+
+def load_denoiser(ckpt: dict, weights: str = "ema") -> Denoiser:
+    """The denoiser of a training checkpoint (its EMA or raw weights), in eval mode and frozen."""
+    if weights not in WEIGHT_PREFIXES:
+        raise ValueError(f"weights={weights!r}: choose one of {sorted(WEIGHT_PREFIXES)}")
+    denoiser = build_denoiser(ckpt)
+    prefix = WEIGHT_PREFIXES[weights]
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"checkpoint holds no {weights} weights ('{prefix}*'); a dpdm-export file "
+                              "keeps only the EMA weights, so use a training checkpoint (last.ckpt)")
     denoiser.load_state_dict(state)
     return denoiser.eval().requires_grad_(False)
