@@ -5,6 +5,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dpdm.experiments.cpu_results import epoch_checkpoints, reproduce_cpu
@@ -263,3 +264,54 @@ def test_a_stored_curve_follows_its_run_when_another_run_is_trained_in_its_dir(t
     before = curves_path.stat().st_mtime_ns
     cpu_results.follow_moved_run(curves_path, dp.with_name("elsewhere"), dp.with_name("elsewhere.old1"))
     assert curves_path.stat().st_mtime_ns == before and json.loads(curves_path.read_text()) == kept
+
+
+def _study_with_more_runs(tmp_path, seeds_evaluation):
+    scoring = {"sample": {"n": 12000}, "samplers": {"preset": []},
+               "evaluation": {"downstream": {"val_size": 2000, "max_epochs": 30, "patience": 5}}}
+    study = tmp_path / "cpu_mini.yaml"
+    study.write_text(yaml.safe_dump({**scoring, "train": [], "controls": False,
+                                     "more_runs": {"mnist_eps10_cpu": ["seeds_mini"]},
+                                     "variants": {"mnist_eps10_cpu": ["experiment=mnist_eps10_cpu"]}}))
+    (tmp_path / "seeds_mini.yaml").write_text(yaml.safe_dump({
+        **scoring, "evaluation": seeds_evaluation, "train": ["experiment=mnist_eps10_cpu"], "controls": False,
+        "variants": {"seed1": ["seed=1"]}}))
+    (tmp_path / "results" / "study").mkdir(parents=True)
+    return study
+
+
+def test_the_page_shows_every_run_of_the_presets_recipe_from_the_studies_it_names(tmp_path):
+    """The spread column lists the preset's own run and the other studies' runs of the same recipe, ε and
+    sampler (the newest row per run), and leaves out other recipes, samplers, budgets and controls."""
+    study = _study_with_more_runs(tmp_path, {"downstream": {"val_size": 2000, "max_epochs": 30, "patience": 5}})
+    results = tmp_path / "results" / "study"
+    recipe = preset_recipe(Study.load(study), "mnist_eps10_cpu")
+    heun = {"name": "edm_heun", "num_steps": 14, "sigma_min": 0.05, "guidance": 0.0}
+    same = {**recipe, "sampler_spec": heun, "target_epsilon": 10.0}
+    own = [_row("mnist_eps10_cpu", "dp", **same, acc_cnn=0.926, run_dir="runs/a")]
+    seeds = [_row("seed1", "dp", **same, acc_cnn=0.70, run_dir="runs/b"),           # rescored below
+             _row("seed1", "dp", **same, acc_cnn=0.88, run_dir="runs/c"),
+             _row("seed1", "dp", **same, acc_cnn=0.91, run_dir="runs/b"),           # b's newest row
+             _row("lr", "dp", **{**same, "lr": recipe["lr"] * 3}, acc_cnn=0.50, run_dir="runs/d"),
+             _row("w2", "dp", **{**same, "sampler_spec": {**heun, "guidance": 2.0}}, acc_cnn=0.40, run_dir="runs/e"),
+             _row("eps1", "dp", **{**same, "target_epsilon": 1.0}, acc_cnn=0.30, run_dir="runs/f"),
+             _row("seed1", "nonprivate", **same, acc_cnn=0.99, run_dir="runs/g")]
+    for name, rows in (("cpu_mini", own), ("seeds_mini", seeds)):
+        (results / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = reproduce_cpu(study_file=study, runs_dir=tmp_path / "runs", results_dir=results,
+                         page=tmp_path / "results" / "cpu.md", report_only=True, progress=lambda *a: None)
+    line = next(x for x in page.read_text().splitlines() if x.startswith("| `mnist_eps10_cpu`"))
+    # 92.6, 88.0 and 91.0: mean 90.53, sample sd sqrt(((2.067)² + (2.533)² + (0.467)²) / 2) = 2.34
+    assert "| 92.6 / 88.0 / 91.0% (90.5 ± 2.3, 3 runs) |" in line, line
+    assert "`mnist_eps10_cpu`: seeds_mini" in page.read_text()
+
+
+def test_a_study_named_under_more_runs_must_score_the_same_way(tmp_path):
+    study = _study_with_more_runs(tmp_path, {"downstream": {"val_size": 500, "max_epochs": 30, "patience": 5}})
+    with pytest.raises(ValueError, match="seeds_mini.*name only studies scored the same way"):
+        reproduce_cpu(study_file=study, runs_dir=tmp_path / "runs", results_dir=tmp_path / "results" / "study",
+                      page=tmp_path / "results" / "cpu.md", report_only=True, progress=lambda *a: None)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"variants": {"a": []}, "more_runs": {"b": ["seeds_mini"]}}))
+    with pytest.raises(ValueError, match=r"more_runs names \['b'\], which are not variants"):
+        Study.load(bad)

@@ -15,6 +15,7 @@ import datetime as _dt
 import math
 import re
 import shutil
+import statistics
 from pathlib import Path
 
 from dpdm.experiments.study import (
@@ -185,6 +186,48 @@ def rows_of_current_recipes(study: Study, rows: list[dict]) -> dict[str, dict[st
     return picked
 
 
+def more_runs_rows(study: Study, study_dir: Path, results_dir: Path) -> dict[str, list[dict]]:
+    """Per variant, the DP rows of the studies its `more_runs` names (other training seeds of its recipe).
+    A named study must score as this one does (sample n and evaluation settings): else its accuracies
+    are not comparable, and it is an error in the study file, not something to skip quietly."""
+    out: dict[str, list[dict]] = {}
+    for variant, names in study.more_runs.items():
+        for name in names:
+            other = Study.load(study_dir / f"{name}.yaml")
+            if (other.sample_n, other.evaluation) != (study.sample_n, study.evaluation):
+                raise ValueError(f"{study.name}: more_runs of {variant} names study {name}, which scores "
+                                 f"n={other.sample_n} with {other.evaluation}, unlike this study's n={study.sample_n} "
+                                 f"with {study.evaluation}; name only studies scored the same way")
+            path = results_dir / f"{name}.jsonl"
+            out.setdefault(variant, []).extend(r for r in (read_rows(path) if path.exists() else [])
+                                               if r.get("mode") == DP)
+    return out
+
+
+def runs_of_recipe(study: Study, variant: str, shown: dict, rows: list[dict], more: list[dict]) -> list[dict]:
+    """Every scored DP run of the recipe `variant` composes now, at the ε and with the sampler of the row
+    the page shows (`shown`): the variant's own rows, then those of its more_runs studies; the newest row
+    per run dir."""
+    recipe = preset_recipe(study, variant)
+    by_run: dict[str, dict] = {}
+    for r in [*(r for r in rows if r["variant"] == variant and r["mode"] == DP), *more]:
+        if (r.get("acc_cnn") is not None and not recipe_differences(r, recipe)
+                and r.get("target_epsilon") == shown.get("target_epsilon")
+                and same_sampler(_sampler_of(r), _sampler_of(shown))):
+            by_run.pop(r.get("run_dir"), None)  # re-inserted last: a run's place is its newest row's
+            by_run[r.get("run_dir")] = r
+    return list(by_run.values())
+
+
+def spread_cell(runs: list[dict]) -> str:
+    """'90.8 / 89.7 / 87.9% (89.5 ± 1.5, 3 runs)' of the runs' CNN accuracies; 'one run' for one."""
+    accs = [100 * r["acc_cnn"] for r in runs]
+    if len(accs) < 2:
+        return "one run" if accs else "–"
+    return (" / ".join(f"{a:.1f}" for a in accs)
+            + f"% ({statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}, {len(accs)} runs)")
+
+
 def shown_dp_run(picked_modes: dict[str, tuple[dict, list[str]]], own: Path) -> Path:
     """The DP run whose table row the page shows, so that its curve and grid come from the same run: the
     run the current recipe's row names (a preset changed back to an earlier recipe reuses the run moved
@@ -231,7 +274,7 @@ def follow_moved_run(curves_path: Path, old: Path, new: Path) -> None:
 
 
 def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *, assets: Path, page: Path,
-                curve_n: int, command: str) -> str:
+                curve_n: int, command: str, more_rows: dict[str, list[dict]] | None = None) -> str:
     """The markdown of results/cpu.md from the study's rows and the curves (images are under `assets`)."""
     by_variant = rows_of_current_recipes(study, rows)
     stale: list[str] = []
@@ -258,14 +301,15 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
         "compute.", "",
         "## Results", "",
         "| preset | ε spent (δ=1e-5) | σ | B | steps | training | sampler | LogReg | MLP | CNN | CNN target | "
-        "agreement | fd_classifier | control: CNN / agreement / fd_classifier |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "CNN, every run of the recipe (mean ± sd) | agreement | fd_classifier | "
+        "control: CNN / agreement / fd_classifier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant in study.variants:
         modes = by_variant.get(variant, {})
         (dp, dp_diffs), (ctl, ctl_diffs) = modes.get(DP, (None, [])), modes.get(NONPRIVATE, (None, []))
         if dp is None:
             target = f"≥ {TARGETS[variant]:g}%" if variant in TARGETS else ""
-            lines.append(f"| `{variant}` | not run | | | | | | | | | {target} | | | |")
+            lines.append(f"| `{variant}` | not run | | | | | | | | | {target} | | | | |")
             continue
         for mode, diffs in ((DP, dp_diffs), (NONPRIVATE, ctl_diffs)):
             if diffs:
@@ -283,12 +327,20 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
             "–" if dp.get("train_wall_s") is None else f"{dp['train_wall_s'] / 60:.1f} min",
             sampler_label(_sampler_of(dp)), _pct(dp.get("acc_logreg")), _pct(dp.get("acc_mlp")),
             _pct(dp.get("acc_cnn")),
-            f"≥ {TARGETS[variant]:g}%" if variant in TARGETS else "", _pct(dp.get("agreement")),
+            f"≥ {TARGETS[variant]:g}%" if variant in TARGETS else "",
+            "–" if dp_diffs else spread_cell(runs_of_recipe(study, variant, dp, rows,
+                                                            (more_rows or {}).get(variant, []))),
+            _pct(dp.get("agreement")),
             _num(dp.get("fd_classifier_test")), control]) + " |")
     lines += ["", "ε comes from each run's privacy.json (the accountant over the steps that ran), rounded up at the "
               "fifth decimal. Each cell shows "
               "the newest row whose recipe (batch, steps, K, lr, net, noise levels) is what the preset composes "
-              "now.", ""]
+              "now. *Every run of the recipe*: the CNN of each DP run of that recipe at the same ε, drawn with the "
+              "same sampler and scored as above, in this study's rows"
+              + (" and in those of the studies it names under `more_runs` (other training seeds: "
+                 + ", ".join(f"`{v}`: {', '.join(n)}" for v, n in study.more_runs.items()) + ")"
+                 if study.more_runs else "")
+              + "; a single run moves by its training seed, so the spread says how far to trust one.", ""]
     if stale:
         lines += ["**Earlier recipes.** " + " ".join(stale), ""]
     grids = [(v, assets / f"{v}_grid.png") for v in study.variants if (assets / f"{v}_grid.png").exists()]
@@ -343,6 +395,9 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
     from dpdm.evaluation.protocol import Evaluator
 
     study = Study.load(study_file)
+    # Read (and checked) before any training: a study named under more_runs that scores otherwise is a
+    # mistake in the study file, better told now than after an hour of training.
+    more_rows = more_runs_rows(study, study_file.parent, results_dir)
     # The curves live beside the rows in results/, so the page keeps them when runs/ is gone (a fresh
     # checkout): a run's own learning_curve.json is newer when it exists.
     curves_path = results_dir / f"{study.name}_curves.json"
@@ -390,7 +445,7 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
     plot_learning_curves(curves, assets / "learning_curve.png")
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render_page(study, rows, curves, assets=assets, page=page, curve_n=curve_n,
-                                command="dpdm-reproduce cpu"))
+                                command="dpdm-reproduce cpu", more_rows=more_rows))
     progress(f"wrote {page}")
     return page
 

@@ -63,6 +63,9 @@ class Study:
     controls: bool = True
     description: str = ""
     evaluation: dict = field(default_factory=dict)
+    # variant -> studies whose rows hold more full-size runs of its recipe (other training seeds); a
+    # page of the study (results/cpu.md) shows the spread of every run it finds there beside its own
+    more_runs: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> Study:
@@ -72,11 +75,16 @@ class Study:
         if not path.is_file():
             raise FileNotFoundError(f"study file {path} not found; the studies are in conf/study/")
         d = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        unknown = set(d) - {"description", "train", "variants", "samplers", "sample", "controls", "evaluation"}
+        unknown = set(d) - {"description", "train", "variants", "samplers", "sample", "controls", "evaluation",
+                            "more_runs"}
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
         if not d.get("variants"):
             raise ValueError(f"{path}: a study needs at least one entry under variants")
+        more_runs = {k: [v] if isinstance(v, str) else list(v) for k, v in (d.get("more_runs") or {}).items()}
+        if set(more_runs) - set(d["variants"]):
+            raise ValueError(f"{path}: more_runs names {sorted(set(more_runs) - set(d['variants']))}, which are not "
+                             f"variants of this study ({sorted(d['variants'])})")
         sample = d.get("sample") or {}
         samplers = {}
         for k, v in (d.get("samplers") or {"default": []}).items():
@@ -89,7 +97,7 @@ class Study:
                    samplers=samplers,
                    sample_n=int(sample.get("n", 1000)), sample_batch_size=int(sample.get("batch_size", 500)),
                    controls=bool(d.get("controls", True)), description=str(d.get("description", "")),
-                   evaluation=dict(d.get("evaluation") or {}))
+                   evaluation=dict(d.get("evaluation") or {}), more_runs=more_runs)
 
 
 def _bin(name: str) -> str:
