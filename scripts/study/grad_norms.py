@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -25,8 +24,10 @@ from omegaconf import OmegaConf
 from dpdm.data.cache import load_split
 from dpdm.diffusion.loss import TrainingNoise, denoising_loss_per_example, draw_training_noise
 from dpdm.diffusion.preconditioning import Denoiser
+from dpdm.experiments.cpu_results import epoch_checkpoints
 from dpdm.privacy.engine import make_per_example_engine
 from dpdm.training.checkpoint import build_denoiser, load_checkpoint, load_denoiser
+from dpdm.utils.images import from_uint8
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SIGMA_GRID = (0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 80.0)
@@ -61,10 +62,6 @@ def per_example_norms(denoiser: Denoiser, x, draw_noise, *, K: int, pixel_reduct
     return torch.cat(norms)
 
 
-def step_of(path: Path) -> int:
-    return int(re.search(r"step=(\d+)", path.name).group(1))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
@@ -73,9 +70,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     cfg = OmegaConf.load(args.run_dir / "config.yaml")
-    ckpts = sorted((args.run_dir / "checkpoints").glob("epoch=*-step=*.ckpt"), key=step_of)
+    ckpts = epoch_checkpoints(args.run_dir)  # (step, path); last.ckpt only where no epoch ckpt has its step
     if not ckpts:
-        raise SystemExit(f"no epoch=*-step=*.ckpt checkpoints under {args.run_dir}/checkpoints")
+        raise SystemExit(f"no checkpoints (epoch=*-step=*.ckpt, last.ckpt) under {args.run_dir}/checkpoints")
     K = int(cfg.loss.noise_multiplicity)
     C = float(cfg.privacy.max_grad_norm) if cfg.privacy.enabled else None  # privacy=none clips nothing
     pixel_reduction, label_dropout = cfg.loss.pixel_reduction, float(cfg.loss.label_dropout)
@@ -83,7 +80,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     images, labels = load_split(cfg.data.name, "train", data_dir=cfg.data.data_dir)
     idx = torch.randperm(len(images), generator=gen)[:args.examples]
-    x, y = images[idx].float() / 127.5 - 1, labels[idx]
+    x, y = from_uint8(images[idx]), labels[idx]
 
     def summary(norms: torch.Tensor) -> dict:
         q = torch.quantile(norms, torch.tensor(QUANTILES))
@@ -92,7 +89,7 @@ def main() -> None:
 
     report = {"run_dir": str(args.run_dir), "C": C, "K": K, "examples": args.examples,
               "diagnostic": "non-private (public data only)", "by_step": {}, "by_sigma": {}}
-    for label, path, initial in [("init", ckpts[0], True)] + [(str(step_of(p)), p, False) for p in ckpts]:
+    for label, path, initial in [("init", ckpts[0][1], True)] + [(str(step), p, False) for step, p in ckpts]:
         denoiser = denoiser_at(load_checkpoint(path), initial=initial, seed=args.seed)
         gen.manual_seed(args.seed + 1)  # the same examples' noise at every step
 
