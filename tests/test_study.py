@@ -197,6 +197,27 @@ def test_runs_from_before_the_group_renames_are_still_their_recipe(tmp_path):
         "noise_levels.log_sigma_shift: 1.6 → 1.0"]
 
 
+def test_training_precision_is_part_of_the_recipe(tmp_path):
+    """bf16-mixed trains other weights than 32-true: a run of one is not reused for the other, and a row
+    of one is not counted as a run of the other's recipe (results/cpu.md's spread column)."""
+    from dpdm.experiments.study import Study, preset_recipe, recipe_changes, recipe_differences, run_facts
+
+    run = tmp_path / "run"
+    _trained_run(run, ["experiment=fmnist_eps10_cpu"], wall=1.0)
+    assert recipe_changes(run, ["experiment=fmnist_eps10_cpu"]) == []
+    assert recipe_changes(run, ["experiment=fmnist_eps10_cpu", "trainer.precision=bf16-mixed"]) == [
+        "trainer.precision: 32-true → bf16-mixed"]
+    row = run_facts(run)
+    assert row["precision"] == "32-true"
+    study = Study(name="s", train=["experiment=fmnist_eps10_cpu"], samplers={"own": "config"},
+                  variants={"fp32": [], "bf16": ["trainer.precision=bf16-mixed"]})
+    assert "precision" not in recipe_differences(row, preset_recipe(study, "fp32"))
+    assert "precision" in recipe_differences(row, preset_recipe(study, "bf16"))
+    # A row from before the field existed is not called different for it.
+    del row["precision"]
+    assert "precision" not in recipe_differences(row, preset_recipe(study, "bf16"))
+
+
 def test_variants_whose_controls_compose_the_same_recipe_share_one_control_run(tmp_path, monkeypatch):
     """privacy=none erases the only difference between an ε = 10 and an ε = 1 preset: their non-private
     controls are one training run, trained once; their DP runs stay separate."""

@@ -124,7 +124,7 @@ def _run(cmd: list[str], log_path: Path) -> float:
 # changed since), so it is not reused. Samplers, callbacks and loggers are left out: they change no weights.
 RECIPE_KEYS = ("seed", "data.name", "data.batch_size", "data.subset_size", "data.path", "data.resolution",
                "net", "preconditioning", "noise_levels", "loss", "optim", "ema", "lr_schedule", "trainer.max_steps",
-               "trainer.max_epochs", "privacy.enabled", "privacy.epsilon", "privacy.delta",
+               "trainer.max_epochs", "trainer.precision", "privacy.enabled", "privacy.epsilon", "privacy.delta",
                "privacy.max_grad_norm", "privacy.accountant", "privacy.noise_multiplier")
 # Set by dpdm-train from the data (which the keys above compare), so never a change of recipe.
 _FITTED_TO_DATA = {"net.img_resolution", "net.in_channels", "net.out_channels", "net.num_classes"}
@@ -415,7 +415,8 @@ def run_facts(run_dir: Path) -> dict:
 
 
 def config_recipe(cfg: dict) -> dict:
-    """The recipe a row records (batch, K, lr and its decay, net shape, noise levels), from a train config."""
+    """The recipe a row records (batch, K, lr and its decay, net shape, noise levels, training precision),
+    from a train config."""
     net = cfg["net"]
     return {
         "batch_size": int(cfg["data"]["batch_size"]), "K": int(cfg["loss"]["noise_multiplicity"]),
@@ -426,6 +427,8 @@ def config_recipe(cfg: dict) -> dict:
         "noise": {k: v for k, v in (cfg.get("noise_levels") or cfg["noise"]).items() if k != "_target_"},
         # Runs from before lr decay existed trained at a constant lr.
         "lr_schedule": dict(cfg.get("lr_schedule") or _ADDED_KEYS["lr_schedule"]),
+        # bf16-mixed rounds the forward and the per-example gradients' contractions: other weights.
+        "precision": str(cfg.get("trainer", {}).get("precision", "32-true")),
     }
 
 
