@@ -197,6 +197,17 @@ def test_runs_from_before_the_group_renames_are_still_their_recipe(tmp_path):
         "noise_levels.log_sigma_shift: 1.6 → 1.0"]
 
 
+def test_a_study_file_given_for_a_rows_file_is_told_so(tmp_path, capsys):
+    from dpdm.cli.study import main
+
+    study = tmp_path / "s.yaml"
+    study.write_text("train: [experiment=quickstart]\nvariants: {a: []}\n")
+    with pytest.raises((SystemExit, ValueError)):
+        main(["table", str(study)])
+    said = capsys.readouterr().err
+    assert "s.yaml, line 1, is not a JSON row" in said and "results/study/<study>.jsonl" in said
+
+
 def test_training_precision_is_part_of_the_recipe(tmp_path):
     """bf16-mixed trains other weights than 32-true: a run of one is not reused for the other, and a row
     of one is not counted as a run of the other's recipe (results/cpu.md's spread column)."""

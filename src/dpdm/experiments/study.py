@@ -558,9 +558,14 @@ def _num(v) -> str:
 
 def read_rows(path: Path) -> list[dict]:
     rows = []
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
-            rows.append(json.loads(line))
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}, is not a JSON row ({e.msg}): a rows file holds one JSON "
+                                 "object per line, as dpdm-study run writes to results/study/<study>.jsonl "
+                                 "(a study's .yaml is its recipe, not its rows)") from None
     return rows
 
 
