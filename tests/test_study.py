@@ -18,7 +18,8 @@ def test_study_trains_samples_and_scores_each_variant_with_its_control(tmp_path)
         "samplers": {"ddim2": ["sampler=ddim", "sampler.num_steps=2"], "own": "config"},
         "variants": {"shifted": ["noise_levels.log_sigma_shift=1.0"]},
         "evaluation": {"cache_dir": str(tmp_path / "cache"),
-                       "real_classifier": {"num_train": 1000, "max_epochs": 1, "lr": 1e-3}},
+                       "real_classifier": {"num_train": 1000, "max_epochs": 1, "lr": 1e-3},
+                       "downstream": {"classifiers": ["cnn"], "val_size": 0.2, "max_epochs": 1}},
     }
     study = tmp_path / "tiny_study.yaml"
     study.write_text(yaml.safe_dump(spec))
@@ -67,6 +68,23 @@ def test_study_trains_samples_and_scores_each_variant_with_its_control(tmp_path)
     newest = json.loads((tmp_path / "results" / "tiny_study.jsonl").read_text().splitlines()[-1])
     assert newest["sampler"] == "own" and newest["sampler_spec"]["num_steps"] == 3
     assert "sampler.num_steps=3" in " ".join(newest["sampler_overrides"])
+
+    # --downstream scores the same samples again with the paper's classifiers, and the row records the
+    # protocol it used: rescore.sh copies such a row as protocol seed 0 only beside seeds of that protocol.
+    scored = subprocess.run(cmd + ["--variants", "shifted", "--modes", "dp", "--downstream"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert scored.returncode == 0, scored.stdout[-2000:] + scored.stderr[-3000:]
+    assert "sampled 20 with" not in scored.stdout and scored.stdout.count(", CNN ") == 2, scored.stdout
+    newest = json.loads((tmp_path / "results" / "tiny_study.jsonl").read_text().splitlines()[-1])
+    assert newest["downstream_protocol"] == {"val_size": 0.2, "max_epochs": 1, "batch_size": 128, "lr": 3e-4,
+                                             "patience": None, "seed": 0}
+    from dpdm.experiments.protocol_seeds import seed_row_from_study
+
+    npz, seeds = run / "samples_own" / "samples.npz", tmp_path / "results" / "t_protocol_seeds.jsonl"
+    row, why = seed_row_from_study(npz, "tiny", tmp_path / "results", seeds, {"val_size": 0.2, "max_epochs": 1}, [1])
+    assert (row["protocol_seed"], row["acc_cnn"], row["run_dir"]) == (0, newest["acc_cnn"], str(run)), why
+    row, why = seed_row_from_study(npz, "tiny", tmp_path / "results", seeds, {"val_size": 2000, "max_epochs": 1}, [1])
+    assert row is None and "val_size 0.2 against val_size 2000" in why
 
     # The learning curve of results/cpu.md: each epoch checkpoint sampled and scored by the downstream CNN.
     from dpdm.evaluation.protocol import EvalSettings, Evaluator
@@ -417,12 +435,28 @@ def test_rescoring_rows_beside_the_studys_follow_the_run_and_its_samples_when_it
     assert json.loads(rows.read_text())["run_dir"] == str(run.with_name("dp.old1"))
 
 
-def test_rescore_script_rows_name_their_run_so_a_move_carries_them(tmp_path, monkeypatch):
-    """scripts/study/rescore.sh (dpdm-evaluate faked through its BIN override) records the run its samples
-    came from as the study's rows do (run_facts: dir and wall time); the study then moves them with it."""
+def rescore(npz: Path, tmp_path: Path, results: Path, seeds: str = "1") -> subprocess.CompletedProcess:
+    """scripts/study/rescore.sh with dpdm-evaluate faked through its BIN override: every CNN scores 0.5,
+    precision 0.8, recall 0.1."""
     import sys
 
-    from dpdm.experiments.study import Study, run_facts, train_run
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    (fake_bin / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')   # keeps the venv
+    (fake_bin / "python").chmod(0o755)
+    (fake_bin / "dpdm-evaluate").write_text(
+        "#!/bin/sh\nfor a; do case $a in out=*) out=${a#out=};; esac; done\nmkdir -p \"$out\"\n"
+        "echo '{\"metrics\": {\"eval/acc_cnn\": 0.5, \"eval/best_epoch_cnn\": 3, \"eval/precision_test\": 0.8,"
+        " \"eval/recall_test\": 0.1}}' > \"$out/eval.json\"\n")
+    (fake_bin / "dpdm-evaluate").chmod(0o755)
+    return subprocess.run(["bash", str(REPO / "scripts" / "study" / "rescore.sh"), "label", str(npz)],
+                          env={**cli_env(), "BIN": str(fake_bin), "ROWS_DIR": str(results), "PREFIX": "t",
+                               "SEEDS": seeds}, capture_output=True, text=True)
+
+
+def sampled_run(tmp_path: Path, monkeypatch) -> tuple:
+    """A (fake-)trained study run under tmp_path, cwd there, with a samples file: (study, run, npz, rows dir)."""
+    from dpdm.experiments.study import Study, train_run
 
     fake_training(monkeypatch)
     monkeypatch.chdir(tmp_path)
@@ -431,20 +465,18 @@ def test_rescore_script_rows_name_their_run_so_a_move_carries_them(tmp_path, mon
     npz = run / "samples_preset" / "samples.npz"
     npz.parent.mkdir()
     npz.write_bytes(b"")
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')   # keeps the venv
-    (fake_bin / "python").chmod(0o755)
-    (fake_bin / "dpdm-evaluate").write_text(
-        "#!/bin/sh\nfor a; do case $a in out=*) out=${a#out=};; esac; done\nmkdir -p \"$out\"\n"
-        "echo '{\"metrics\": {\"eval/acc_cnn\": 0.5, \"eval/best_epoch_cnn\": 3, \"eval/precision_test\": 0.8,"
-        " \"eval/recall_test\": 0.1}}' > \"$out/eval.json\"\n")
-    (fake_bin / "dpdm-evaluate").chmod(0o755)
     results = tmp_path / "results"
     results.mkdir()
-    done = subprocess.run(["bash", str(REPO / "scripts" / "study" / "rescore.sh"), "label", str(npz)],
-                          env={**cli_env(), "BIN": str(fake_bin), "ROWS_DIR": str(results), "PREFIX": "t",
-                               "SEEDS": "1"}, capture_output=True, text=True)
+    return study, run, npz, results
+
+
+def test_rescore_script_rows_name_their_run_so_a_move_carries_them(tmp_path, monkeypatch):
+    """scripts/study/rescore.sh (dpdm-evaluate faked through its BIN override) records the run its samples
+    came from as the study's rows do (run_facts: dir and wall time); the study then moves them with it."""
+    from dpdm.experiments.study import run_facts, train_run
+
+    study, run, npz, results = sampled_run(tmp_path, monkeypatch)
+    done = rescore(npz, tmp_path, results)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [json.loads(line) for f in ("t_protocol_seeds.jsonl", "t_precision_recall.jsonl")
             for line in (results / f).read_text().splitlines()]
@@ -456,3 +488,48 @@ def test_rescore_script_rows_name_their_run_so_a_move_carries_them(tmp_path, mon
              for line in (results / f).read_text().splitlines()]
     assert {(r["run_dir"], r["samples"]) for r in moved} == {
         (str(run.with_name("dp.old1")), str(run.with_name("dp.old1") / "samples_preset" / "samples.npz"))}
+
+
+def test_rescore_script_copies_the_studys_own_score_as_protocol_seed_0_once(tmp_path, monkeypatch):
+    """Seed 0 of the four protocol seeds is the study's own downstream score of the run: rescore.sh copies
+    it beside the seeds it scores, once, and only from a row scored by the same protocol and the same
+    training (not an earlier run in the same dir)."""
+    from dpdm.experiments.study import run_facts
+
+    _, run, npz, results = sampled_run(tmp_path, monkeypatch)
+    wall = run_facts(run)["train_wall_s"]
+    protocol = {"val_size": 2000, "max_epochs": 30, "batch_size": 128, "lr": 3e-4, "patience": 5, "seed": 0}
+    mine = {"study": "s", "variant": "v", "mode": "dp", "sampler": "preset", "run_dir": str(run), "acc_cnn": 0.77}
+    (results / "s.jsonl").write_text(
+        json.dumps({**mine, "train_wall_s": wall + 1, "acc_cnn": 0.1, "downstream_protocol": protocol}) + "\n"
+        + json.dumps({**mine, "train_wall_s": wall, "downstream_protocol": {**protocol, "max_epochs": 80}}) + "\n")
+    seeds_file = results / "t_protocol_seeds.jsonl"
+
+    done = rescore(npz, tmp_path, results)                  # only a row of another protocol: nothing copied
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "protocol seed 0 not copied" in done.stdout and "max_epochs 80 against max_epochs 30" in done.stdout
+    assert [r["protocol_seed"] for r in map(json.loads, seeds_file.read_text().splitlines())] == [1]
+
+    with (results / "s.jsonl").open("a") as f:               # the study scores it by the protocol
+        f.write(json.dumps({**mine, "train_wall_s": wall, "downstream_protocol": protocol}) + "\n")
+    for _ in range(2):                                      # twice: seed 0 is copied once
+        done = rescore(npz, tmp_path, results)
+        assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(line) for line in seeds_file.read_text().splitlines()]
+    assert [r["protocol_seed"] for r in rows] == [1, 1, 0, 1]
+    assert rows[2]["acc_cnn"] == 0.77 and rows[2]["source"] == f"the study's row in {results / 's.jsonl'}"
+    assert (rows[2]["run_dir"], rows[2]["train_wall_s"], rows[2]["samples"]) == (str(run), wall, str(npz))
+    assert "already in" in done.stdout
+
+    # A row from before rows recorded their protocol: the study file's evaluation settings stand in.
+    (results / "s.jsonl").write_text(json.dumps({**mine, "train_wall_s": wall}) + "\n")
+    seeds_file.unlink()
+    study_dir = tmp_path / "conf" / "study"
+    study_dir.mkdir(parents=True)
+    (study_dir / "s.yaml").write_text("variants: {v: []}\nevaluation: {downstream: {val_size: 600}}\n")
+    done = rescore(npz, tmp_path, results, seeds="1 2")
+    assert "val_size 600 against max_epochs 30, patience 5, val_size 2000" in done.stdout, done.stdout
+    (study_dir / "s.yaml").write_text(
+        "variants: {v: []}\nevaluation: {downstream: {val_size: 2000, max_epochs: 30, patience: 5}}\n")
+    done = rescore(npz, tmp_path, results, seeds="1 2")
+    assert [json.loads(r)["protocol_seed"] for r in seeds_file.read_text().splitlines()] == [1, 2, 1, 2, 0]

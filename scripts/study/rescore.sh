@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rescore one samples.npz the way docs/recipes.md compares recipes, appending rows:
-#   - the downstream CNN under protocol seeds 1..3 (seed 0 is the preset's own row) → <prefix>_protocol_seeds.jsonl
+#   - the downstream CNN under protocol seeds 1..3 → <prefix>_protocol_seeds.jsonl, and seed 0 copied there
+#     from the study's own row of the run (dpdm.experiments.protocol_seeds), when it scored by the same protocol
 #   - improved precision / recall against the real test set → <prefix>_precision_recall.jsonl
 #
 #   bash scripts/study/rescore.sh "<recipe label>" <run>/samples_preset/samples.npz
@@ -41,13 +42,20 @@ print(json.dumps(row))
 EOF
 }
 
-for seed in ${SEEDS-1 2 3}; do  # SEEDS="" scores precision and recall only
-  o="evaluation.metrics=[downstream] evaluation.downstream.classifiers=[cnn] evaluation.downstream.val_size=2000"
-  o="$o evaluation.downstream.max_epochs=30 evaluation.downstream.patience=5 evaluation.downstream.seed=$seed"
+val_size=2000 max_epochs=30 patience=5   # the downstream protocol of every seed below
+seeds=${SEEDS-1 2 3}
+for seed in $seeds; do  # SEEDS="" scores precision and recall only
+  o="evaluation.metrics=[downstream] evaluation.downstream.classifiers=[cnn]"
+  o="$o evaluation.downstream.val_size=$val_size evaluation.downstream.max_epochs=$max_epochs"
+  o="$o evaluation.downstream.patience=$patience evaluation.downstream.seed=$seed"
   # shellcheck disable=SC2086
   "$bin/dpdm-evaluate" "$npz" $o out="$tmp/seed$seed" > "$tmp/seed$seed.log" 2>&1 || { tail "$tmp/seed$seed.log"; exit 1; }
   append "$tmp/seed$seed/eval.json" "$rows/${prefix}_protocol_seeds.jsonl" "${prefix}_protocol_seeds" "$o" "$seed"
 done
+if [ -n "$seeds" ]; then
+  "$bin/python" -m dpdm.experiments.protocol_seeds "$label" "$npz" "$rows" "$rows/${prefix}_protocol_seeds.jsonl" \
+    "{\"val_size\": $val_size, \"max_epochs\": $max_epochs, \"patience\": $patience}" "$seeds"
+fi
 o="evaluation.metrics=[precision_recall] evaluation.reference_splits=[test]"
 # shellcheck disable=SC2086
 "$bin/dpdm-evaluate" "$npz" $o out="$tmp/pr" > "$tmp/pr.log" 2>&1 || { tail "$tmp/pr.log"; exit 1; }

@@ -117,6 +117,10 @@ class DownstreamSettings:
         return TrainSettings(max_epochs=self.max_epochs, batch_size=self.batch_size, lr=self.lr,
                              patience=self.patience, seed=self.seed)
 
+    def protocol(self) -> dict:
+        """What a classifier's score depends on besides the samples (which classifiers run does not)."""
+        return {k: v for k, v in asdict(self).items() if k != "classifiers"}
+
     def held_out_count(self, n: int) -> int:
         return int(round(self.val_size * n)) if 0 < self.val_size < 1 else int(self.val_size)
 

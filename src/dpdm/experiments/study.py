@@ -516,6 +516,7 @@ def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list
                        "sampler_spec": (read_json(out / "sampler.json") or {}).get("sampler"),
                        "overrides": study.variants[variant],
                        **facts, "sample_n": study.sample_n, "sample_wall_s": sample_wall, **scores,
+                       **({"downstream_protocol": settings.downstream.protocol()} if downstream else {}),
                        "run_dir": str(run_dir), "commit": _git_commit(), "machine": machine_line(),
                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 with rows_path.open("a") as f:
