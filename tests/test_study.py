@@ -3,6 +3,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -464,7 +465,7 @@ def sampled_run(tmp_path: Path, monkeypatch) -> tuple:
     run = train_run(study, "v", "dp", Path("runs"), progress=lambda *a: None)
     npz = run / "samples_preset" / "samples.npz"
     npz.parent.mkdir()
-    npz.write_bytes(b"")
+    np.savez(npz, x=np.zeros((4, 1, 2, 2), np.uint8), y=np.arange(4))
     results = tmp_path / "results"
     results.mkdir()
     return study, run, npz, results
@@ -493,19 +494,22 @@ def test_rescore_script_rows_name_their_run_so_a_move_carries_them(tmp_path, mon
 def test_rescore_script_copies_the_studys_own_score_as_protocol_seed_0_once(tmp_path, monkeypatch):
     """Seed 0 of the four protocol seeds is the study's own downstream score of the run: rescore.sh copies
     it beside the seeds it scores, once, and only from a row scored by the same protocol and the same
-    training (not an earlier run in the same dir)."""
+    training (not an earlier run in the same dir) and sample set (not one of another size)."""
     from dpdm.experiments.study import run_facts
 
     _, run, npz, results = sampled_run(tmp_path, monkeypatch)
     wall = run_facts(run)["train_wall_s"]
     protocol = {"val_size": 2000, "max_epochs": 30, "batch_size": 128, "lr": 3e-4, "patience": 5, "seed": 0}
-    mine = {"study": "s", "variant": "v", "mode": "dp", "sampler": "preset", "run_dir": str(run), "acc_cnn": 0.77}
+    mine = {"study": "s", "variant": "v", "mode": "dp", "sampler": "preset", "run_dir": str(run), "acc_cnn": 0.77,
+            "sample_n": 4}
     (results / "s.jsonl").write_text(
         json.dumps({**mine, "train_wall_s": wall + 1, "acc_cnn": 0.1, "downstream_protocol": protocol}) + "\n"
-        + json.dumps({**mine, "train_wall_s": wall, "downstream_protocol": {**protocol, "max_epochs": 80}}) + "\n")
+        + json.dumps({**mine, "train_wall_s": wall, "downstream_protocol": {**protocol, "max_epochs": 80}}) + "\n"
+        + json.dumps({**mine, "train_wall_s": wall, "sample_n": 3, "acc_cnn": 0.2, "downstream_protocol": protocol})
+        + "\n")
     seeds_file = results / "t_protocol_seeds.jsonl"
 
-    done = rescore(npz, tmp_path, results)                  # only a row of another protocol: nothing copied
+    done = rescore(npz, tmp_path, results)                  # rows of another protocol or sample set: none copied
     assert done.returncode == 0, done.stdout + done.stderr
     assert "protocol seed 0 not copied" in done.stdout and "max_epochs 80 against max_epochs 30" in done.stdout
     assert [r["protocol_seed"] for r in map(json.loads, seeds_file.read_text().splitlines())] == [1]

@@ -32,17 +32,22 @@ def study_protocol(row: dict, study_dir: Path) -> dict | None:
 
 def study_row_of(npz: Path, rows_dir: Path) -> tuple[dict, Path] | None:
     """The newest study row that scored these samples with the downstream CNN: the same run (dir and
-    training wall time, so not an earlier training in the same dir) and the sampler whose dir holds them."""
+    training wall time, so not an earlier training in the same dir), the sampler whose dir holds them and
+    as many samples (a study whose `sample: n` changed draws that dir again)."""
+    import numpy as np
+
     run = npz.parent.parent
     sampler = npz.parent.name.removeprefix("samples_")
     wall = run_facts(run)["train_wall_s"]
+    with np.load(npz, allow_pickle=False) as f:
+        n = len(f["y"])
     found = None
     for path in sorted(rows_dir.glob("*.jsonl")):
         if path.stem.endswith(RESCORED_SUFFIXES):
             continue
         for r in read_rows(path):
             if (r.get("run_dir") == str(run) and r.get("sampler") == sampler and r.get("train_wall_s") == wall
-                    and r.get("acc_cnn") is not None):
+                    and r.get("sample_n") == n and r.get("acc_cnn") is not None):
                 found = (r, path)   # rows are appended, so the last one is the newest
     return found
 
@@ -54,8 +59,8 @@ def seed_row_from_study(npz: Path, label: str, rows_dir: Path, seeds_path: Path,
     wanted = replace(DownstreamSettings(), **protocol).protocol()
     found = study_row_of(npz, rows_dir)
     if found is None:
-        return None, (f"no study row in {rows_dir} scored {npz} with the downstream CNN (dpdm-study run "
-                      "--downstream writes one)")
+        return None, (f"no study row in {rows_dir} scored these {npz} with the downstream CNN (dpdm-study "
+                      "run --downstream writes one)")
     row, path = found
     theirs = study_protocol(row, study_dir)
     if theirs is None:
