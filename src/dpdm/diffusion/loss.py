@@ -27,6 +27,13 @@ class TrainingNoise:
     class_labels: Tensor | None  # (B, K) labels fed to the network; null_label where dropped
 
 
+def check_label_dropout(label_dropout: float) -> None:
+    if not 0.0 <= label_dropout <= 1.0:
+        raise ValueError(f"loss.label_dropout={label_dropout} must be in [0, 1]: the fraction of noised copies "
+                         "trained without their label (0.1, the paper's, also trains the unconditional model "
+                         "that guidance needs; 0 trains only the conditional one)")
+
+
 def draw_training_noise(x: Tensor, y: Tensor | None, *, noise_multiplicity: int,
                         noise_levels: NoiseLevels, label_dropout: float,
                         null_label: int | None, generator: torch.Generator | None = None

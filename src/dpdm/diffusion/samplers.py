@@ -72,6 +72,23 @@ def sample_in_batches(draw: Callable[[list[int], Tensor | None], Tensor], *, n: 
     return torch.cat(out)
 
 
+def check_null_label_trained(label_dropout: float | None, *, guidance: float, unconditional: bool) -> None:
+    """Refuse to draw through the null label of a conditional model that never trained it.
+
+    Classifier-free guidance (w != 0) and unconditional draws (no class labels) evaluate D(x, ∅). Only
+    the noised copies whose label was dropped in training (loss.label_dropout) teach the network that
+    input; at label_dropout = 0 the null-label embedding keeps its random initialization and D(x, ∅) is
+    not a denoiser of anything. `label_dropout` None: not recorded (checkpoints from before it was), allowed.
+    """
+    if label_dropout is None or label_dropout > 0 or (guidance == 0 and not unconditional):
+        return
+    what = f"guidance w = {guidance:g}" if guidance != 0 else "unconditional samples (classes=null)"
+    raise ValueError(
+        f"{what} needs the unconditional model, but this model was trained with loss.label_dropout=0, "
+        "which never trains it. Sample with sampler.guidance=0 and class labels (classes=balanced or a "
+        "class index), or train with loss.label_dropout > 0 (0.1 is the paper's).")
+
+
 def guided(denoiser: Callable, x: Tensor, sigma: Tensor, class_labels: Tensor | None,
            guidance: float, null_label: int | None) -> Tensor:
     """Classifier-free guidance: (1 + w)·D(x, y) − w·D(x, ∅). w = 0 is the plain conditional D."""

@@ -30,10 +30,11 @@ def build_module(cfg: DictConfig, dm):
         log.info("the network follows the data: %s", ", ".join(changed))
     module = module_from_config(cfg, plan)
     module.examples_per_person = getattr(dm, "examples_per_person", 1)  # reported, not part of the mechanism
-    # Enough to rebuild the denoiser from a checkpoint alone, and the sampler its preset chose (dpdm-sample).
+    # Enough to rebuild the denoiser from a checkpoint alone, the sampler its preset chose (dpdm-sample),
+    # and the loss (whether label dropout trained the unconditional model that guidance needs).
     # Each part is resolved in place, against the whole config (data.data_dir points into paths).
     module.build_config = {key: OmegaConf.to_container(cfg[key], resolve=True)
-                           for key in ("net", "preconditioning", "data", "sampler")}
+                           for key in ("net", "preconditioning", "data", "sampler", "loss")}
     return module, plan
 
 

@@ -59,6 +59,13 @@ def checkpoint_sampler(ckpt: dict) -> dict | None:
     return (ckpt["dpdm"].get("build_config") or {}).get("sampler")
 
 
+def checkpoint_label_dropout(ckpt: dict) -> float | None:
+    """The loss.label_dropout the checkpoint's run trained with; None where not stored (runs before
+    2026-12-05 stored no loss config: they all trained with the default 0.1 or set it by hand)."""
+    value = ((ckpt["dpdm"].get("build_config") or {}).get("loss") or {}).get("label_dropout")
+    return None if value is None else float(value)
+
+
 def sampler_for(ckpt: dict, configured, command_line: tuple[bool, frozenset[str]], log=None) -> dict:
     """The sampler to draw with.
 

@@ -5,8 +5,8 @@ generator states. An export holds only what sampling needs and what the guarante
 that cannot run code when loaded (safetensors: raw tensors plus a str → str metadata table):
 
     tensors   the EMA denoiser's state dict (the weights dpdm-sample draws with)
-    metadata  format, build_config (JSON: net, preconditioning, data, sampler), privacy (JSON: the plan and the ε
-              recomputed from the checkpoint's accountant history for the steps that ran)
+    metadata  format, build_config (JSON: net, preconditioning, data, sampler, loss), privacy (JSON: the plan
+              and the ε recomputed from the checkpoint's accountant history for the steps that ran)
 
 dpdm-sample and dpdm-evaluate read an export wherever they read a checkpoint.
 """

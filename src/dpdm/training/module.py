@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from dpdm.diffusion.loss import denoising_loss_per_example, draw_training_noise
+from dpdm.diffusion.loss import check_label_dropout, denoising_loss_per_example, draw_training_noise
 from dpdm.diffusion.noise_levels import LogNormalSigma, NoiseLevels, check_compatible
 from dpdm.diffusion.preconditioning import Denoiser, EDMPreconditioning
 from dpdm.diffusion.samplers import sample_from_seeds
@@ -78,6 +78,7 @@ class DPDiffusionModule(pl.LightningModule):
         self.ema = make_ema_copy(self.denoiser)
         self.plan = plan
         self.K = plan.noise_multiplicity
+        check_label_dropout(label_dropout)
         self.label_dropout, self.pixel_reduction = label_dropout, pixel_reduction
         self.make_optimizer = optimizer or partial(torch.optim.Adam, lr=3e-4)
         self.ema_rate, self.ema_warmup = ema_rate, ema_warmup
