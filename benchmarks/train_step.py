@@ -181,7 +181,8 @@ def worker_peak_memory(args) -> None:
     print(json.dumps({"peak_bytes": max(_proc_status_bytes("VmHWM") - before, 0)}))
 
 
-def measure(args) -> dict:
+def measure(args) -> tuple[dict, dict]:
+    """(the table's rows, each variant's step closure)."""
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -216,7 +217,20 @@ def measure(args) -> dict:
         med = statistics.median(times[v])
         rows[v] = {"median_step_s": med, "noised_images_per_s": args.batch * args.k / med,
                    "peak_memory_bytes": peak.get(v), "steps_timed": len(times[v])}
-    return rows
+    return rows, steps
+
+
+def profile_steps(steps: dict, top: int, device) -> None:
+    """One more step of each variant under torch.profiler: its `top` ops by self CPU time, to stdout (where
+    the table's time goes; on a GPU, CPU time is launch overhead, so read it there as such)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for v, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+            sync(device)
+        print(f"\n{v}: one step, the {top} ops with the most self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48))
 
 
 def print_table(rows: dict, args) -> None:
@@ -267,6 +281,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory subprocesses")
     ap.add_argument("--no-malloc-tuning", action="store_true",
                     help="leave glibc malloc's defaults (dpdm-train tunes it: dpdm.utils.allocator)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile one more step of each variant and print its N costliest ops")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step.json"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -289,8 +305,10 @@ def main(argv=None) -> None:
         ap.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
 
     t0 = time.perf_counter()
-    rows = measure(args)
+    rows, steps = measure(args)
     print_table(rows, args)
+    if args.profile:
+        profile_steps(steps, args.profile, torch.device(args.device))
     record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "preset": preset,
               "settings": {k: getattr(args, k) for k in ("device", "net", "batch", "k", "steps", "warmup",
                                                           "rounds", "threads", "precision",

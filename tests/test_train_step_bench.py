@@ -13,13 +13,15 @@ def test_bench_runs_every_variant_and_appends_results(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--device", "cpu",
            "--net", "ddpmpp_tiny", "--batch", "2", "--k", "2", "--steps", "1", "--warmup", "1",
-           "--rounds", "1", "--threads", "1", "--variants", "nonprivate,dpdm,opacus",
+           "--rounds", "1", "--threads", "1", "--variants", "nonprivate,dpdm,opacus", "--profile", "5",
            "--out", str(out)]
     earlier = {"settings": {"note": "an earlier run's record"}}
     out.write_text(json.dumps([earlier]))  # the run appends to it instead of overwriting
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "vs non-private" in res.stdout and "opacus" in res.stdout
+    # --profile: one table per variant, its five ops by self CPU time
+    assert res.stdout.count("ops with the most self CPU time") == 3 and "aten::" in res.stdout
     history = json.loads(out.read_text())
     assert len(history) == 2 and history[0] == earlier
     rec = history[-1]
