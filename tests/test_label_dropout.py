@@ -48,6 +48,11 @@ def test_sampling_refuses_guidance_and_unconditional_draws_without_label_dropout
         assert "loss.label_dropout=0" in proc.stderr and "sampler.guidance=0" in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
         assert not (tmp_path / name / "samples.npz").exists()
+    # dpdm-evaluate draws from a checkpoint too (class-balanced): guidance refused there as well
+    proc = run_cli("dpdm-evaluate", f"input={run_without_label_dropout / 'checkpoints' / 'last.ckpt'}",
+                   "num_samples=10", "sampler.guidance=1", f"out={tmp_path / 'eval'}")
+    assert proc.returncode != 0 and "loss.label_dropout=0" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "eval" / "eval.json").exists()
     proc = run_cli("dpdm-sample", ckpt, "n=4", f"out={tmp_path / 'w0'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.load(tmp_path / "w0" / "samples.npz")["y"].tolist() == [0, 1, 2, 3]

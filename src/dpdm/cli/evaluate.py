@@ -58,6 +58,7 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
     from dpdm.diffusion.inference import prepare_for_sampling
     from dpdm.evaluation import draw_synthetic_set
     from dpdm.training.checkpoint import (
+        check_sampler_fits,
         checkpoint_dataset,
         load_checkpoint,
         load_denoiser,
@@ -77,6 +78,7 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
     held_out = settings.downstream.held_out_count(int(cfg.num_samples)) if wants_held_out else 0
 
     sampler = sampler_for(ckpt, cfg.sampler, sampler_on_command_line(), log=log.info)
+    check_sampler_fits(ckpt, denoiser, sampler, unconditional=False)  # draw_synthetic_set labels every sample
 
     def sample_fn(seeds, labels):
         # Seeds are consecutive from seeds[0], as draw_samples numbers them; it batches and logs progress.
