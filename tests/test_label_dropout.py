@@ -1,10 +1,12 @@
 """loss.label_dropout = 0: a model without the unconditional half that guidance needs.
 
 The presets sample with w = 0, which never evaluates D(x, ∅), so a run may spend every noised copy on the
-conditional model (docs/recipes.md, "Label dropout"). Such a model's null-label embedding is never trained,
-so guidance and unconditional draws from it are refused with a message saying what to do.
+conditional model (docs/recipes.md, "tried and not kept: no label dropout"). Such a model's null-label
+embedding is never trained, so guidance and unconditional draws from it are refused with a message saying
+what to do.
 """
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -68,13 +70,14 @@ def test_training_refuses_a_guided_sampler_or_an_out_of_range_dropout_before_wri
         assert not (run_dir / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("label_dropout, guidance, unconditional, refused", [
-    (0.0, 1.0, False, True), (0.0, 0.0, True, True), (0.0, 0.0, False, False),
-    (0.1, 2.0, True, False), (None, 1.0, True, False)])
-def test_the_null_label_check_refuses_exactly_the_draws_that_need_it(label_dropout, guidance, unconditional,
-                                                                     refused):
+@pytest.mark.parametrize("null_label, label_dropout, guidance, unconditional, refused", [
+    (10, 0.0, 1.0, False, True), (10, 0.0, 0.0, True, True), (10, 0.0, 0.0, False, False),
+    (10, 0.1, 2.0, True, False), (10, None, 1.0, True, False), (None, 0.0, 1.0, True, False)])
+def test_the_null_label_check_refuses_exactly_the_draws_that_need_it(null_label, label_dropout, guidance,
+                                                                     unconditional, refused):
+    denoiser, sampler = SimpleNamespace(null_label=null_label), {"guidance": guidance}
     if refused:
         with pytest.raises(ValueError, match="label_dropout=0"):
-            check_null_label_trained(label_dropout, guidance=guidance, unconditional=unconditional)
+            check_null_label_trained(denoiser, label_dropout, sampler, unconditional=unconditional)
     else:
-        check_null_label_trained(label_dropout, guidance=guidance, unconditional=unconditional)
+        check_null_label_trained(denoiser, label_dropout, sampler, unconditional=unconditional)

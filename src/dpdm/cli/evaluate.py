@@ -56,10 +56,11 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
 
     from dpdm.cli.sample import draw_samples
     from dpdm.diffusion.inference import prepare_for_sampling
+    from dpdm.diffusion.samplers import check_null_label_trained
     from dpdm.evaluation import draw_synthetic_set
     from dpdm.training.checkpoint import (
-        check_sampler_fits,
         checkpoint_dataset,
+        checkpoint_label_dropout,
         load_checkpoint,
         load_denoiser,
         sampler_for,
@@ -78,7 +79,8 @@ def _from_checkpoint(cfg: DictConfig, path: Path, out: Path, settings, device):
     held_out = settings.downstream.held_out_count(int(cfg.num_samples)) if wants_held_out else 0
 
     sampler = sampler_for(ckpt, cfg.sampler, sampler_on_command_line(), log=log.info)
-    check_sampler_fits(ckpt, denoiser, sampler, unconditional=False)  # draw_synthetic_set labels every sample
+    # draw_synthetic_set labels every sample: only guidance can reach the null label here
+    check_null_label_trained(denoiser, checkpoint_label_dropout(ckpt), sampler, unconditional=False)
 
     def sample_fn(seeds, labels):
         # Seeds are consecutive from seeds[0], as draw_samples numbers them; it batches and logs progress.

@@ -78,9 +78,10 @@ def draw_samples(denoiser, *, n: int, labels, seed: int, sampler_cfg, batch_size
 
 def run_sampling(cfg: DictConfig) -> Path:
     from dpdm.diffusion.inference import prepare_for_sampling
+    from dpdm.diffusion.samplers import check_null_label_trained
     from dpdm.training.checkpoint import (
-        check_sampler_fits,
         checkpoint_dataset,
+        checkpoint_label_dropout,
         load_checkpoint,
         load_denoiser,
         sampler_for,
@@ -101,7 +102,7 @@ def run_sampling(cfg: DictConfig) -> Path:
                                     compile=cfg.compile)
     labels = class_labels_for(cfg.classes, cfg.n, denoiser.net.num_classes)
     sampler = sampler_for(ckpt, cfg.sampler, sampler_on_command_line(), log=log.info)
-    check_sampler_fits(ckpt, denoiser, sampler, unconditional=labels is None)
+    check_null_label_trained(denoiser, checkpoint_label_dropout(ckpt), sampler, unconditional=labels is None)
     # Each batch goes to disk as it is drawn; a call interrupted earlier (a session's end, a killed job)
     # left its batches under a name that says what drew them, and this call goes on after them.
     parts = SampleParts(out, {"ckpt_sha256": sha256_file(cfg.ckpt), "sampler": sampler, "seed": int(cfg.seed),

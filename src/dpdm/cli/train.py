@@ -39,9 +39,8 @@ def run_training(cfg: DictConfig) -> dict:
     prepare_data_once(dm)
     dm.setup("fit")
     module, plan = build_module(cfg, dm)  # fits cfg.net to the data; model.net follows by interpolation
-    if module.denoiser.null_label is not None:  # the run's grids and stored sampler use its guidance
-        check_null_label_trained(module.label_dropout, guidance=float(cfg.sampler.get("guidance") or 0),
-                                 unconditional=False)
+    # The run's grids and the sampler its checkpoint stores use the configured guidance.
+    check_null_label_trained(module.denoiser, module.label_dropout, cfg.sampler, unconditional=False)
     OmegaConf.resolve(cfg)  # from here one consistent, fully interpolated config for every component
     log.info(describe_plan(plan, dm.examples_per_person))
     if cfg.ckpt_path is not None:  # refuse before anything in the run dir is (over)written

@@ -72,15 +72,18 @@ def sample_in_batches(draw: Callable[[list[int], Tensor | None], Tensor], *, n: 
     return torch.cat(out)
 
 
-def check_null_label_trained(label_dropout: float | None, *, guidance: float, unconditional: bool) -> None:
-    """Refuse to draw through the null label of a conditional model that never trained it.
+def check_null_label_trained(denoiser, label_dropout: float | None, sampler, *, unconditional: bool) -> None:
+    """Refuse to draw with `sampler` through the null label of a conditional model that never trained it.
 
     Classifier-free guidance (w != 0) and unconditional draws (no class labels) evaluate D(x, ∅). Only
     the noised copies whose label was dropped in training (loss.label_dropout) teach the network that
     input; at label_dropout = 0 the null-label embedding keeps its random initialization and D(x, ∅) is
     not a denoiser of anything. `label_dropout` None: not recorded (checkpoints from before it was), allowed.
+    An unconditional network has no null label: nothing to check.
     """
-    if label_dropout is None or label_dropout > 0 or (guidance == 0 and not unconditional):
+    guidance = float(sampler.get("guidance") or 0)
+    if (getattr(denoiser, "null_label", None) is None or label_dropout is None or label_dropout > 0
+            or (guidance == 0 and not unconditional)):
         return
     what = f"guidance w = {guidance:g}" if guidance != 0 else "unconditional samples (classes=null)"
     raise ValueError(

@@ -66,16 +66,6 @@ def checkpoint_label_dropout(ckpt: dict) -> float | None:
     return None if value is None else float(value)
 
 
-def check_sampler_fits(ckpt: dict, denoiser: Denoiser, sampler: dict, *, unconditional: bool) -> None:
-    """Refuse draws through a null label the checkpoint's run never trained (loss.label_dropout = 0):
-    guidance, or `unconditional` draws without class labels, from a class-conditional model."""
-    from dpdm.diffusion.samplers import check_null_label_trained
-
-    if denoiser.null_label is not None:
-        check_null_label_trained(checkpoint_label_dropout(ckpt), guidance=float(sampler.get("guidance") or 0),
-                                 unconditional=unconditional)
-
-
 def sampler_for(ckpt: dict, configured, command_line: tuple[bool, frozenset[str]], log=None) -> dict:
     """The sampler to draw with.
 
