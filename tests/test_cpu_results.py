@@ -161,7 +161,8 @@ def test_the_page_shows_the_row_of_the_recipe_the_preset_composes_now(tmp_path):
     other = {**recipe, "batch_size": recipe["batch_size"] + 512, "steps": 280}
     rows = [_row("mnist_eps10_cpu", "dp", **recipe, acc_cnn=0.926),                 # the preset's recipe
             _row("mnist_eps10_cpu", "dp", **other, acc_cnn=0.80),                  # newer, another recipe
-            _row("mnist_eps1_cpu", "dp", acc_cnn=0.70, lr=5e-4)]                       # only another recipe
+            _row("mnist_eps1_cpu", "dp", **{**preset_recipe(Study.load(study), "mnist_eps1_cpu"), "lr": 5e-4},
+                 acc_cnn=0.70)]                                                      # only another recipe (lr)
     (results / "study" / "cpu_mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     page = reproduce_cpu(study_file=study, runs_dir=tmp_path / "runs", results_dir=results / "study",
                          page=results / "cpu.md", report_only=True, progress=lambda *a: None)
