@@ -219,6 +219,16 @@ def runs_of_recipe(study: Study, variant: str, shown: dict, rows: list[dict], mo
     return list(by_run.values())
 
 
+def training_cell(row: dict) -> str:
+    """'20.1 min (577/s)': the training wall time and the noised images per second it ran at. The presets are
+    measured in different sessions on 2-core machines of different speed; the rate tells them apart."""
+    wall = row.get("train_wall_s")
+    if wall is None:
+        return "–"
+    rate = f" ({row['noised_images'] / wall:.0f}/s)" if row.get("noised_images") and wall > 0 else ""
+    return f"{wall / 60:.1f} min{rate}"
+
+
 def spread_cell(runs: list[dict]) -> str:
     """'90.8 / 89.7 / 87.9% (89.5 ± 1.5, 3 runs)' of the runs' CNN accuracies; 'one run' for one."""
     accs = [100 * r["acc_cnn"] for r in runs]
@@ -324,7 +334,7 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
             f"`{variant}`" + (" (earlier recipe)" if dp_diffs else ""), _epsilon_cell(eps),
             _num(dp.get("sigma"), "{:.4g}"),
             str(dp.get("batch_size")), str(dp.get("steps")),
-            "–" if dp.get("train_wall_s") is None else f"{dp['train_wall_s'] / 60:.1f} min",
+            training_cell(dp),
             sampler_label(_sampler_of(dp)), _pct(dp.get("acc_logreg")), _pct(dp.get("acc_mlp")),
             _pct(dp.get("acc_cnn")),
             f"≥ {TARGETS[variant]:g}%" if variant in TARGETS else "",
@@ -333,7 +343,9 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
             _pct(dp.get("agreement")),
             _num(dp.get("fd_classifier_test")), control]) + " |")
     lines += ["", "ε comes from each run's privacy.json (the accountant over the steps that ran), rounded up at the "
-              "fifth decimal. Each cell shows "
+              "fifth decimal. *Training*: wall time, and the noised images (B × K × steps) per second it ran at; "
+              "the presets were measured in different sessions, on machines whose speed differs by up to 2x, so "
+              "compare minutes only at a similar rate. Each cell shows "
               "the newest row whose recipe (batch, steps, K, lr, net, noise levels) is what the preset composes "
               "now. *Every run of the recipe*: the CNN of each DP run of that recipe at the same ε, drawn with the "
               "same sampler and scored as above, in this study's rows"
