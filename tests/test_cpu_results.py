@@ -156,12 +156,13 @@ def test_the_page_shows_the_row_of_the_recipe_the_preset_composes_now(tmp_path):
     a preset whose every row is of another recipe shows the newest, marked, with what differs."""
     study = _two_preset_study(tmp_path)
     results = tmp_path / "results"
-    # The preset's recipe as conf/ composes it now, so the test follows the preset when it moves on.
-    recipe = preset_recipe(Study.load(study), "mnist_eps10_cpu")
+    # The presets' recipes as conf/ composes them now, so the test follows a preset when it moves on.
+    loaded = Study.load(study)
+    recipe = preset_recipe(loaded, "mnist_eps10_cpu")
     other = {**recipe, "batch_size": recipe["batch_size"] + 512, "steps": 280}
     rows = [_row("mnist_eps10_cpu", "dp", **recipe, acc_cnn=0.926),                 # the preset's recipe
             _row("mnist_eps10_cpu", "dp", **other, acc_cnn=0.80),                  # newer, another recipe
-            _row("mnist_eps1_cpu", "dp", **{**preset_recipe(Study.load(study), "mnist_eps1_cpu"), "lr": 5e-4},
+            _row("mnist_eps1_cpu", "dp", **{**preset_recipe(loaded, "mnist_eps1_cpu"), "lr": 5e-4},
                  acc_cnn=0.70)]                                                      # only another recipe (lr)
     (results / "study" / "cpu_mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     page = reproduce_cpu(study_file=study, runs_dir=tmp_path / "runs", results_dir=results / "study",

@@ -220,7 +220,7 @@ def runs_of_recipe(study: Study, variant: str, shown: dict, rows: list[dict], mo
 
 
 def training_cell(row: dict) -> str:
-    """'20.1 min (577/s)': the training wall time and the noised images per second it ran at. The presets are
+    """'20.1 min (576/s)': the training wall time and the noised images per second it ran at. The presets are
     measured in different sessions on 2-core machines of different speed; the rate tells them apart."""
     wall = row.get("train_wall_s")
     if wall is None:
