@@ -130,8 +130,10 @@ RECIPE_KEYS = ("seed", "data.name", "data.batch_size", "data.subset_size", "data
 _FITTED_TO_DATA = {"net.img_resolution", "net.in_channels", "net.out_channels", "net.num_classes"}
 # Config groups renamed since older runs were trained: their config.yaml has the old name.
 _RENAMED_GROUPS = {"preconditioning": "denoiser", "noise_levels": "noise"}
-# Keys added since older runs were trained, with the value those runs had in effect.
+# Keys added since older runs were trained, with the value those runs had in effect: a group, or a leaf
+# of a group the older runs already had.
 _ADDED_KEYS = {"lr_schedule": {"kind": "constant", "final_fraction": 1.0}}
+_ADDED_LEAVES = {"ema": {".warmup_offset": 10}}
 
 
 def run_overrides(study: Study, variant: str, mode: str) -> list[str]:
@@ -148,6 +150,7 @@ def recipe_changes(run_dir: Path, overrides: list[str]) -> list[str]:
         head, _, rest = key.partition(".")
         then = stored.get(head, stored.get(_RENAMED_GROUPS.get(head, head), _ADDED_KEYS.get(head)))
         a, b = _leaves(_dig(then, rest)), _leaves(_dig(now.get(head), rest))
+        a = {**_ADDED_LEAVES.get(key, {}), **a}
         for leaf in sorted(set(a) | set(b)):
             # Hydra's _target_/_partial_ keys that one side lacks come from a config layout, not a recipe.
             layout_only = leaf.rpartition(".")[2].startswith("_") and (leaf not in a or leaf not in b)

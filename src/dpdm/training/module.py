@@ -61,7 +61,8 @@ class DPDiffusionModule(pl.LightningModule):
                  noise_levels: NoiseLevels | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  label_dropout: float = 0.1, pixel_reduction: str = "sum", ema_rate: float = 0.999,
-                 ema_warmup: bool = False, lr_schedule: str = "constant", lr_final_fraction: float = 1.0,
+                 ema_warmup: bool = False, ema_warmup_offset: float = 10.0,
+                 lr_schedule: str = "constant", lr_final_fraction: float = 1.0,
                  max_physical_batch_size: int = 256, secure_mode: bool = False,
                  seed: int = 0, noise_seed: int | None = None, dp_engine: str = "fold",
                  log_nonprivate_metrics: bool = False):
@@ -81,7 +82,8 @@ class DPDiffusionModule(pl.LightningModule):
         check_label_dropout(label_dropout)
         self.label_dropout, self.pixel_reduction = label_dropout, pixel_reduction
         self.make_optimizer = optimizer or partial(torch.optim.Adam, lr=3e-4)
-        self.ema_rate, self.ema_warmup = ema_rate, ema_warmup
+        self.ema_rate, self.ema_warmup, self.ema_warmup_offset = ema_rate, ema_warmup, float(ema_warmup_offset)
+        ema_rate_at(0, ema_rate, ema_warmup, self.ema_warmup_offset)   # a bad offset fails here, not at step 1
         check_lr_schedule(lr_schedule, lr_final_fraction)
         self.lr_schedule, self.lr_final_fraction = lr_schedule, lr_final_fraction
         self.max_physical = max_physical_batch_size
@@ -206,7 +208,7 @@ class DPDiffusionModule(pl.LightningModule):
             self.log("lr", scheduler.get_last_lr()[0], on_step=True, on_epoch=False, batch_size=max(n, 1))
         # After the step: steps_taken already counts it, so the rate uses the index of this step.
         update_ema(self.ema, self.denoiser,
-                   ema_rate_at(self.steps_taken - 1, self.ema_rate, self.ema_warmup))
+                   ema_rate_at(self.steps_taken - 1, self.ema_rate, self.ema_warmup, self.ema_warmup_offset))
         dt = time.perf_counter() - t0
         self._epoch_step_time += dt
         self._epoch_steps += 1
