@@ -66,10 +66,30 @@ def test_page_has_each_preset_with_eps_accuracies_target_control_and_curve(tmp_p
     assert "| `mnist_eps10_cpu` | 10.0000" not in text   # ε rounded up at the 5th decimal, not shown as 10
     assert "| `mnist_eps1_cpu` | not run |" in text
     assert "10,000 train LogReg / MLP / CNN" in text and "2,000 held-out" in text   # the n actually used
-    assert "| `mnist_eps10_cpu` | 120 | 10.0 | 90.0% | 95.0% |" in text             # the curve's points
+    # the curve's points; 123k: step 120 × the row's 348,160 / 340 = 1,024 noised images per step
+    assert "| `mnist_eps10_cpu` | 120 | 123k | 10.0 | 90.0% | 95.0% |" in text
     assert (results / "cpu" / "learning_curve.png").stat().st_size > 1000
     assert "![learning curve](cpu/learning_curve.png)" in text
     assert "dpdm-train experiment=mnist_eps10_cpu privacy=none" in text                 # the control's command
+
+
+def test_the_curve_is_also_drawn_against_noised_images_where_the_row_says_b_times_k(tmp_path):
+    """Minutes mix machines of different speed; noised images (B × K × step) do not. The second panel needs
+    the row's B × K: 696,320 images over 680 steps is 1,024 per step (B = 1024, K = 1); K = 2 at B = 512
+    gives the same; a row without them gets no second panel rather than a guessed one."""
+    from PIL import Image
+
+    from dpdm.experiments.cpu_results import images_per_step, plot_learning_curves
+
+    pytest.importorskip("matplotlib")
+
+    assert images_per_step({"noised_images": 696320, "steps": 680}) == 1024
+    assert images_per_step({"noised_images": 512 * 2 * 680, "steps": 680, "K": 2}) == 1024
+    assert images_per_step({"steps": 680}) is None and images_per_step(None) is None
+    one = plot_learning_curves({"mnist_eps10_cpu": _curve(0.9)}, tmp_path / "one.png", {"mnist_eps10_cpu": None})
+    two = plot_learning_curves({"mnist_eps10_cpu": _curve(0.9)}, tmp_path / "two.png", {"mnist_eps10_cpu": 1024.0})
+    width = {p.name: Image.open(p).size[0] for p in (one, two)}
+    assert width["two.png"] > 1.6 * width["one.png"], width
 
 
 def test_dry_run_lists_every_preset_and_its_control():
@@ -97,7 +117,7 @@ def _curve(acc):
 
 
 def _curve_lines(page: Path) -> list[str]:
-    return [x for x in page.read_text().splitlines() if x.startswith("| `mnist_eps") and x.count("|") == 6]
+    return [x for x in page.read_text().splitlines() if x.startswith("| `mnist_eps") and x.count("|") == 7]
 
 
 def test_curves_stay_on_the_page_when_the_run_dirs_are_gone(tmp_path):

@@ -110,8 +110,19 @@ def learning_curve(run_dir: Path, *, evaluator, n: int, sampler: dict | None = N
     return points
 
 
-def plot_learning_curves(curves: dict[str, list[dict]], path: Path) -> Path | None:
-    """CNN accuracy vs training minutes, one line per preset (PNG). None when matplotlib is missing."""
+def images_per_step(row: dict | None) -> float | None:
+    """Noised images per optimizer step (B × K) of a study row; None when the row does not say."""
+    if not row or not row.get("noised_images") or not row.get("steps"):
+        return None
+    return row["noised_images"] / row["steps"]
+
+
+def plot_learning_curves(curves: dict[str, list[dict]], path: Path,
+                         per_step: dict[str, float | None] | None = None) -> Path | None:
+    """CNN accuracy vs training minutes, one line per preset (PNG), and beside it vs noised images for the
+    presets whose images per step (`per_step`) are known: the presets were trained on machines of different
+    speed, and the noised images they saw compare across machines where minutes do not. None when
+    matplotlib is missing."""
     try:
         import matplotlib
 
@@ -119,18 +130,30 @@ def plot_learning_curves(curves: dict[str, list[dict]], path: Path) -> Path | No
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    per_step = {k: v for k, v in (per_step or {}).items() if v}
+    fig, axes = plt.subplots(1, 2 if per_step else 1, figsize=(11 if per_step else 6, 4), dpi=120, squeeze=False)
+    by_minutes, by_images = axes[0][0], (axes[0][1] if per_step else None)
     for name, points in curves.items():
         pts = [p for p in points if p.get("acc_cnn") is not None]
-        if pts:
-            ax.plot([p["minutes"] for p in pts], [100 * p["acc_cnn"] for p in pts], marker="o", label=name)
-            if name in TARGETS:
-                ax.axhline(TARGETS[name], ls=":", lw=0.8, color=ax.lines[-1].get_color())
-    ax.set_xlabel("training wall time (minutes, 2 CPU cores)")
-    ax.set_ylabel("CNN accuracy on real test set (%)")
-    ax.set_title("Downstream CNN trained on DP samples (dotted: target)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        if not pts:
+            continue
+        acc = [100 * p["acc_cnn"] for p in pts]
+        line, = by_minutes.plot([p["minutes"] for p in pts], acc, marker="o", label=name)
+        if by_images is not None and name in per_step:
+            by_images.plot([p["step"] * per_step[name] / 1e3 for p in pts], acc, marker="o", label=name,
+                           color=line.get_color())
+        for ax in (by_minutes, by_images):
+            if ax is not None and name in TARGETS:
+                ax.axhline(TARGETS[name], ls=":", lw=0.8, color=line.get_color())
+    by_minutes.set_xlabel("training wall time (minutes, 2 CPU cores; machines differ up to 2x)")
+    if by_images is not None:
+        by_images.set_xlabel("noised images seen (thousands: B × K × step)")
+    for ax in (by_minutes, by_images):
+        if ax is not None:
+            ax.set_ylabel("CNN accuracy on real test set (%)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.suptitle("Downstream CNN trained on DP samples (dotted: target)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path)
@@ -164,6 +187,10 @@ def _epsilon_cell(eps) -> str:
 
 def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def _thousands(n: float) -> str:
+    return f"{n / 1e3:,.0f}k"
 
 
 def _num(v, fmt="{:.1f}") -> str:
@@ -284,7 +311,8 @@ def follow_moved_run(curves_path: Path, old: Path, new: Path) -> None:
 
 
 def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *, assets: Path, page: Path,
-                curve_n: int, command: str, more_rows: dict[str, list[dict]] | None = None) -> str:
+                curve_n: int, command: str, more_rows: dict[str, list[dict]] | None = None,
+                per_step: dict[str, float | None] | None = None) -> str:
     """The markdown of results/cpu.md from the study's rows and the curves (images are under `assets`)."""
     by_variant = rows_of_current_recipes(study, rows)
     stale: list[str] = []
@@ -363,15 +391,17 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
               f"CNN accuracy of the DP runs' epoch checkpoints: the downstream protocol's CNN on {curve_n:,} samples "
               f"per checkpoint ({curve_n - curve_n // 5:,} to train, {curve_n // 5:,} held out), tested on the real "
               "test set; fewer samples than the results table, so lower accuracies. Minutes: training wall time × "
-              "step / total steps.", ""]
+              "step / total steps, on the machine that trained the preset (its rate is in the results table); "
+              "noised images (B × K × step) compare the presets across machines.", ""]
     png = assets / "learning_curve.png"
     if png.exists() and any(curves.values()):
         lines += [f"![learning curve]({rel(png)})", ""]
     if any(curves.values()):
-        lines += ["| preset | step | minutes | CNN | agreement |", "|---|---|---|---|---|"]
+        lines += ["| preset | step | noised images | minutes | CNN | agreement |", "|---|---|---|---|---|---|"]
         for name, points in curves.items():
-            lines += [f"| `{name}` | {p['step']} | {p['minutes']:.1f} | {_pct(p.get('acc_cnn'))} | "
-                      f"{_pct(p.get('agreement'))} |" for p in points]
+            k = (per_step or {}).get(name)
+            lines += [f"| `{name}` | {p['step']} | {_thousands(p['step'] * k) if k else '–'} | {p['minutes']:.1f} | "
+                      f"{_pct(p.get('acc_cnn'))} | {_pct(p.get('agreement'))} |" for p in points]
         lines.append("")
     else:
         lines += ["No curve yet.", ""]
@@ -454,10 +484,12 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
             kept[variant] = keep_points(entry, dp_runs[variant], points)
     if kept:
         write_json_atomic(curves_path, kept)
-    plot_learning_curves(curves, assets / "learning_curve.png")
+    # A curve is the shown DP row's run (dp_runs), so that row's B × K turns its steps into noised images.
+    per_step = {v: images_per_step(picked.get(v, {}).get(DP, (None, []))[0]) for v in curves}
+    plot_learning_curves(curves, assets / "learning_curve.png", per_step)
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render_page(study, rows, curves, assets=assets, page=page, curve_n=curve_n,
-                                command="dpdm-reproduce cpu", more_rows=more_rows))
+                                command="dpdm-reproduce cpu", more_rows=more_rows, per_step=per_step))
     progress(f"wrote {page}")
     return page
 
