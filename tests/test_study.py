@@ -207,6 +207,7 @@ def test_runs_from_before_the_group_renames_are_still_their_recipe(tmp_path):
     cfg["denoiser"], cfg["noise"] = cfg.pop("preconditioning"), cfg.pop("noise_levels")
     cfg["optim"] = {k: v for k, v in cfg["optim"].items() if not k.startswith("_")}
     del cfg["lr_schedule"]  # runs from before lr decay existed trained at a constant lr
+    del cfg["ema"]["warmup_offset"]  # nor an EMA warm-up offset: they warmed up with (1+t)/(10+t)
     (run / "config.yaml").write_text(pyyaml.safe_dump(cfg))
     assert recipe_changes(run, ["experiment=mnist_eps10_cpu"]) == []
     assert recipe_changes(run, ["experiment=mnist_eps10_cpu", "lr_schedule.kind=cosine",
@@ -214,6 +215,8 @@ def test_runs_from_before_the_group_renames_are_still_their_recipe(tmp_path):
         "lr_schedule.final_fraction: 1.0 → 0.5", "lr_schedule.kind: constant → cosine"]
     assert recipe_changes(run, ["experiment=mnist_eps10_cpu", "noise_levels.log_sigma_shift=1.0"]) == [
         "noise_levels.log_sigma_shift: 1.6 → 1.0"]
+    assert recipe_changes(run, ["experiment=mnist_eps10_cpu", "ema.warmup_offset=4"]) == [
+        "ema.warmup_offset: 10 → 4"]
 
 
 def test_a_study_file_given_for_a_rows_file_is_told_so(tmp_path, capsys):
