@@ -3,7 +3,7 @@ the refusal of an offset that freezes the EMA, and the offset reaching a real DP
 import pytest
 import torch
 
-from dpdm.training.ema import ema_rate_at, make_ema_copy, update_ema
+from dpdm.training.ema import check_ema_warmup_offset, ema_rate_at, make_ema_copy, update_ema
 from tests.helpers import run_cli
 
 
@@ -37,19 +37,20 @@ def test_the_rate_caps_the_warm_up_and_the_offset_matters_only_while_warming_up(
     assert ema_rate_at(5000, 0.995, True, 4) == 0.995                  # past the warm-up: the rate
     assert ema_rate_at(680, 0.995, True) == pytest.approx(681 / 690)   # a 680-step run never gets there
     assert ema_rate_at(3, 0.9, False, 1.0) == 0.9                       # no warm-up: the offset is unused
+    check_ema_warmup_offset(1.0001)                                       # just above 1 is a valid offset
 
 
 @pytest.mark.parametrize("offset", [1, 0.5, -3])
 def test_an_offset_that_would_freeze_the_ema_is_refused(offset):
     with pytest.raises(ValueError, match="ema.warmup_offset must be > 1"):
-        ema_rate_at(0, 0.999, True, offset)
+        check_ema_warmup_offset(offset)
 
 
 def test_dpdm_train_refuses_a_bad_offset_with_one_message(tmp_path):
     proc = run_cli("dpdm-train", "experiment=smoke", "debug=tiny", "ema.warmup=true", "ema.warmup_offset=1",
                    f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode != 0
-    assert "ema.warmup_offset must be > 1 (got 1.0)" in proc.stderr
+    assert "ema.warmup_offset must be > 1 (got 1)" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

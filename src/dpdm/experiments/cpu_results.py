@@ -132,7 +132,8 @@ def plot_learning_curves(curves: dict[str, list[dict]], path: Path,
         return None
     per_step = {k: v for k, v in (per_step or {}).items() if v}
     fig, axes = plt.subplots(1, 2 if per_step else 1, figsize=(11 if per_step else 6, 4), dpi=120, squeeze=False)
-    by_minutes, by_images = axes[0][0], (axes[0][1] if per_step else None)
+    panels = list(axes[0])
+    by_minutes, by_images = panels[0], (panels[1] if per_step else None)
     for name, points in curves.items():
         pts = [p for p in points if p.get("acc_cnn") is not None]
         if not pts:
@@ -142,17 +143,15 @@ def plot_learning_curves(curves: dict[str, list[dict]], path: Path,
         if by_images is not None and name in per_step:
             by_images.plot([p["step"] * per_step[name] / 1e3 for p in pts], acc, marker="o", label=name,
                            color=line.get_color())
-        for ax in (by_minutes, by_images):
-            if ax is not None and name in TARGETS:
-                ax.axhline(TARGETS[name], ls=":", lw=0.8, color=line.get_color())
+        for ax in panels if name in TARGETS else []:
+            ax.axhline(TARGETS[name], ls=":", lw=0.8, color=line.get_color())
     by_minutes.set_xlabel("training wall time (minutes, 2 CPU cores; machines differ up to 2x)")
     if by_images is not None:
         by_images.set_xlabel("noised images seen (thousands: B × K × step)")
-    for ax in (by_minutes, by_images):
-        if ax is not None:
-            ax.set_ylabel("CNN accuracy on real test set (%)")
-            ax.grid(alpha=0.3)
-            ax.legend()
+    for ax in panels:
+        ax.set_ylabel("CNN accuracy on real test set (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.suptitle("Downstream CNN trained on DP samples (dotted: target)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

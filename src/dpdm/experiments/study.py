@@ -130,10 +130,9 @@ RECIPE_KEYS = ("seed", "data.name", "data.batch_size", "data.subset_size", "data
 _FITTED_TO_DATA = {"net.img_resolution", "net.in_channels", "net.out_channels", "net.num_classes"}
 # Config groups renamed since older runs were trained: their config.yaml has the old name.
 _RENAMED_GROUPS = {"preconditioning": "denoiser", "noise_levels": "noise"}
-# Keys added since older runs were trained, with the value those runs had in effect: a group, or a leaf
-# of a group the older runs already had.
-_ADDED_KEYS = {"lr_schedule": {"kind": "constant", "final_fraction": 1.0}}
-_ADDED_LEAVES = {"ema": {".warmup_offset": 10}}
+# Keys added since older runs were trained (dotted: a group, or a leaf of a group they already had), with
+# the value those runs had in effect.
+_ADDED_KEYS = {"lr_schedule": {"kind": "constant", "final_fraction": 1.0}, "ema.warmup_offset": 10}
 
 
 def run_overrides(study: Study, variant: str, mode: str) -> list[str]:
@@ -143,20 +142,29 @@ def run_overrides(study: Study, variant: str, mode: str) -> list[str]:
 def recipe_changes(run_dir: Path, overrides: list[str]) -> list[str]:
     """'key: stored → now' for every RECIPE_KEYS leaf where the trained run's config.yaml differs from
     what `overrides` compose now; empty when the run is still the recipe asked for."""
-    stored = _load_yaml(run_dir / "config.yaml")
+    stored = _with_added_keys(_load_yaml(run_dir / "config.yaml"))
     now = composed_config(tuple(overrides))
     changes = []
     for key in RECIPE_KEYS:
         head, _, rest = key.partition(".")
-        then = stored.get(head, stored.get(_RENAMED_GROUPS.get(head, head), _ADDED_KEYS.get(head)))
+        then = stored.get(head, stored.get(_RENAMED_GROUPS.get(head, head)))
         a, b = _leaves(_dig(then, rest)), _leaves(_dig(now.get(head), rest))
-        a = {**_ADDED_LEAVES.get(key, {}), **a}
         for leaf in sorted(set(a) | set(b)):
             # Hydra's _target_/_partial_ keys that one side lacks come from a config layout, not a recipe.
             layout_only = leaf.rpartition(".")[2].startswith("_") and (leaf not in a or leaf not in b)
             if a.get(leaf) != b.get(leaf) and f"{key}{leaf}" not in _FITTED_TO_DATA and not layout_only:
                 changes.append(f"{key}{leaf}: {a.get(leaf)} → {b.get(leaf)}")
     return changes
+
+
+def _with_added_keys(cfg: dict) -> dict:
+    """`cfg` with every _ADDED_KEYS entry it lacks set to the value older runs had in effect."""
+    for dotted, value in _ADDED_KEYS.items():
+        *parents, leaf = dotted.split(".")
+        group = _dig(cfg, ".".join(parents))
+        if isinstance(group, dict):
+            group.setdefault(leaf, value)
+    return cfg
 
 
 def _dig(d, dotted: str):

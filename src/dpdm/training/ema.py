@@ -18,10 +18,13 @@ def ema_rate_at(step: int, rate: float, warmup: bool, offset: float = 10.0) -> f
     weights. While the warm-up term is the smaller one (t < (c − β)/(1 − β): 1,790 steps for β = 0.995 and
     c = 10) the EMA at step T weighs step s in proportion to about (s/T)^(c−2), whatever β is: c = 10 averages
     roughly the last tenth of the run, c = 4 the last ~40% (weights ∝ s²), c = 2 every step alike."""
-    if warmup and not offset > 1:
+    return min(rate, (1 + step) / (offset + step)) if warmup else rate
+
+
+def check_ema_warmup_offset(offset: float) -> None:
+    if not offset > 1:
         raise ValueError(f"ema.warmup_offset must be > 1 (got {offset}): at 1 the EMA never leaves the initial "
                          "weights; 10 is the usual warm-up, 2 a plain average of every step")
-    return min(rate, (1 + step) / (offset + step)) if warmup else rate
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from dpdm.diffusion.samplers import sample_from_seeds
 from dpdm.privacy.accounting import accountant_epsilon, steps_in_history
 from dpdm.privacy.engine import DPComponents, check_engine, make_dp_components
 from dpdm.privacy.grads_opacus import set_empty_grad_samples
-from dpdm.training.ema import ema_rate_at, make_ema_copy, update_ema
+from dpdm.training.ema import check_ema_warmup_offset, ema_rate_at, make_ema_copy, update_ema
 from dpdm.training.lr_schedule import check_lr_schedule, make_lr_scheduler
 from dpdm.training.privacy_plan import PrivacyPlan
 from dpdm.utils.seeds import derived_seed
@@ -82,8 +82,9 @@ class DPDiffusionModule(pl.LightningModule):
         check_label_dropout(label_dropout)
         self.label_dropout, self.pixel_reduction = label_dropout, pixel_reduction
         self.make_optimizer = optimizer or partial(torch.optim.Adam, lr=3e-4)
+        if ema_warmup:
+            check_ema_warmup_offset(ema_warmup_offset)
         self.ema_rate, self.ema_warmup, self.ema_warmup_offset = ema_rate, ema_warmup, float(ema_warmup_offset)
-        ema_rate_at(0, ema_rate, ema_warmup, self.ema_warmup_offset)   # a bad offset fails here, not at step 1
         check_lr_schedule(lr_schedule, lr_final_fraction)
         self.lr_schedule, self.lr_final_fraction = lr_schedule, lr_final_fraction
         self.max_physical = max_physical_batch_size
