@@ -163,7 +163,7 @@ def _with_added_keys(cfg: dict) -> dict:
         *parents, leaf = dotted.split(".")
         group = _dig(cfg, ".".join(parents))
         if isinstance(group, dict):
-            group.setdefault(leaf, value)
+            group.setdefault(leaf, copy.deepcopy(value))  # one copy per config: the table is shared
     return cfg
 
 
