@@ -60,14 +60,19 @@ def test_selection_uses_held_out_data_and_touches_the_test_set_once(mnist, monke
     seen = []
     original = ds.accuracy
     monkeypatch.setattr(ds, "accuracy", lambda model, data, **kw: seen.append(data) or original(model, data, **kw))
+    lines = []
     results = evaluate_downstream(train=train, val=val, test=test, classifiers=("logreg", "mlp"),
-                                  settings=TrainSettings(max_epochs=10))
+                                  settings=TrainSettings(max_epochs=10), log=lines.append)
     assert sum(d is test for d in seen) == 2                     # once per classifier, after selection
     assert sum(d is val for d in seen) == 20                     # every epoch of each classifier
-    for r in results.values():
+    for name, r in results.items():
         assert r.best_epoch == 1 + max(range(10), key=lambda i: r.val_history[i])
         assert r.val_acc == max(r.val_history)
         assert r.test_acc > 0.75                                 # real → real positive control (chance: 0.1)
+        # progress: one line per epoch with its held-out accuracy, then the kept epoch's test accuracy
+        mine = [x for x in lines if x.startswith(f"downstream {name}:")]
+        assert len(mine) == 11 and f"epoch 3/10, held-out synthetic accuracy {r.val_history[2]:.4f}" in mine[2]
+        assert mine[-1] == f"downstream {name}: epoch {r.best_epoch} kept, {r.test_acc:.4f} on the real test set"
 
 
 def test_cnn_trained_on_noise_is_near_chance(mnist):

@@ -354,7 +354,7 @@ class Evaluator:
             train, held_out = split_held_out(samples, size=size, seed=s.seed)
         results = evaluate_downstream(train=train, val=held_out, test=self.real("test"),
                                       classifiers=s.classifiers, num_classes=self.info.num_classes,
-                                      settings=s.train_settings(), device=self.device)
+                                      settings=s.train_settings(), device=self.device, log=log.info)
         for name, r in results.items():
             report.metrics[f"eval/acc_{name}"] = r.test_acc
             report.metrics[f"eval/val_acc_{name}"] = r.val_acc
