@@ -171,6 +171,29 @@ def test_computing_one_presets_curve_keeps_the_others_stored_curve(tmp_path, mon
     assert kept["mnist_eps1_cpu"]["points"] == _curve(0.77) and kept["mnist_eps10_cpu"]["points"] == _curve(0.88)
 
 
+def test_the_paper_n_section_shows_the_score_of_the_shown_runs_own_samples(tmp_path):
+    """A paper-n row is shown beside the table's CNN only for the run the table shows (same dir and training
+    wall time); a row of an earlier training in the same dir is not that run's."""
+    study = _two_preset_study(tmp_path)
+    results = tmp_path / "results"
+    loaded = Study.load(study)
+    runs = {v: f"runs/study/cpu_mini/{v}/dp" for v in ("mnist_eps10_cpu", "mnist_eps1_cpu")}
+    rows = [_row(v, "dp", **preset_recipe(loaded, v), run_dir=runs[v], acc_cnn=cnn)
+            for v, cnn in (("mnist_eps10_cpu", 0.953), ("mnist_eps1_cpu", 0.90))]
+    (results / "study" / "cpu_mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paper = [{"preset": "mnist_eps10_cpu", "run_dir": runs["mnist_eps10_cpu"], "train_wall_s": 2700.0,
+              "acc_logreg": 0.9, "acc_mlp": 0.92, "acc_cnn": 0.968, "agreement": 0.88,
+              "fd_classifier_test": 45.31, "sample_wall_s": 630},
+             {"preset": "mnist_eps1_cpu", "run_dir": runs["mnist_eps1_cpu"], "train_wall_s": 1200.0,  # another run
+              "acc_logreg": 0.5, "acc_mlp": 0.5, "acc_cnn": 0.5}]
+    (results / "study" / "paper_protocol.jsonl").write_text("".join(json.dumps(r) + "\n" for r in paper))
+    page = reproduce_cpu(study_file=study, runs_dir=tmp_path / "runs", results_dir=results / "study",
+                         page=results / "cpu.md", report_only=True, progress=lambda *a: None)
+    section = page.read_text().split("## At the paper's n")[1].split("\n## ")[0]
+    assert "| `mnist_eps10_cpu` | 90.0% | 92.0% | 96.8% | 95.3% | 88.0% | 45.3 | 10.5 min |" in section
+    assert "| `mnist_eps1_cpu` | not measured | | | 90.0% |" in section and "50.0%" not in section
+
+
 def test_the_page_shows_the_row_of_the_recipe_the_preset_composes_now(tmp_path):
     """A preset changed back to an earlier recipe shows that recipe's row, not the newer row of the other;
     a preset whose every row is of another recipe shows the newest, marked, with what differs."""

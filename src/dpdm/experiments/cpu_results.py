@@ -40,6 +40,8 @@ STUDY_FILE = Path(CONFIG_DIR) / "study" / "cpu_presets.yaml"
 CURVE_FILE = "learning_curve.json"
 # Target CNN accuracy (%) per preset, from issue 12 (the paper's ε=10 MNIST CNN is 98.1).
 TARGETS = {"mnist_eps10_cpu": 90.0, "mnist_eps1_cpu": 80.0, "fmnist_eps10_cpu": 75.0}
+# Rows of scripts/study/paper_protocol.sh: a preset's DP run scored at the paper's n (60,000 + 10,000).
+PAPER_N_ROWS = "paper_protocol.jsonl"
 _EPOCH_CKPT = re.compile(r"epoch=(\d+)-step=(\d+)\.ckpt$")
 
 
@@ -311,8 +313,9 @@ def follow_moved_run(curves_path: Path, old: Path, new: Path) -> None:
 
 def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *, assets: Path, page: Path,
                 curve_n: int, command: str, more_rows: dict[str, list[dict]] | None = None,
-                per_step: dict[str, float | None] | None = None) -> str:
-    """The markdown of results/cpu.md from the study's rows and the curves (images are under `assets`)."""
+                per_step: dict[str, float | None] | None = None, paper_rows: list[dict] | None = None) -> str:
+    """The markdown of results/cpu.md from the study's rows and the curves (images are under `assets`);
+    `paper_rows` (PAPER_N_ROWS) add the shown DP runs scored at the paper's n."""
     by_variant = rows_of_current_recipes(study, rows)
     stale: list[str] = []
     ds = study.evaluation.get("downstream", {})
@@ -382,6 +385,7 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
               + "; a single run moves by its training seed, so the spread says how far to trust one.", ""]
     if stale:
         lines += ["**Earlier recipes.** " + " ".join(stale), ""]
+    lines += paper_n_section(study, by_variant, paper_rows or [])
     grids = [(v, assets / f"{v}_grid.png") for v in study.variants if (assets / f"{v}_grid.png").exists()]
     if grids:
         lines += ["## Samples", "", "One row per class, from the DP run's scored samples (first 10 of each class).", ""]
@@ -409,6 +413,41 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
               "then scores the samples (`dpdm.experiments.study.score`) and the epoch checkpoints "
               "(`dpdm.experiments.cpu_results.learning_curve`). Study notes: docs/recipes.md.", ""]
     return "\n".join(lines)
+
+
+def paper_n_row(shown: dict | None, paper_rows: list[dict]) -> dict | None:
+    """The newest paper-n row of the run behind a shown row (same dir and training wall time: the dir may
+    have held an earlier training), or None."""
+    if shown is None:
+        return None
+    same = [r for r in paper_rows if r.get("run_dir") == shown.get("run_dir")
+            and r.get("train_wall_s") == shown.get("train_wall_s")]
+    return same[-1] if same else None
+
+
+def paper_n_section(study: Study, by_variant: dict, paper_rows: list[dict]) -> list[str]:
+    """The shown DP runs scored at the paper's n: what the CPU-sized n of the results table costs."""
+    lines = ["## At the paper's n", "",
+             "The same DP runs (the results table's rows), scored as the paper scores: 70,000 samples drawn with "
+             "the preset's sampler (the first 12,000 are the table's), LogReg / MLP / CNN trained on 60,000 for "
+             "up to 50 epochs without early stopping, the epoch chosen on the other 10,000, accuracy on the real "
+             "test set. Sampling more is post-processing: the same ε. `bash scripts/study/paper_protocol.sh "
+             "<preset> <run dir>` scores one run (half an hour on 2 cores). The table's n is a CPU budget: its CNN "
+             "is neither a lower nor an upper bound on this one (docs/recipes.md, \"Scoring at the paper's n\").", "",
+             "| preset | LogReg | MLP | CNN | CNN at 12,000 (table) | agreement | fd_classifier | sampling 70,000 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for variant in study.variants:
+        shown = by_variant.get(variant, {}).get(DP, (None, []))[0]
+        row = paper_n_row(shown, paper_rows)
+        if row is None:
+            lines.append(f"| `{variant}` | not measured | | | {_pct((shown or {}).get('acc_cnn'))} | | | |")
+            continue
+        wall = row.get("sample_wall_s")
+        lines.append("| " + " | ".join([
+            f"`{variant}`", _pct(row.get("acc_logreg")), _pct(row.get("acc_mlp")), _pct(row.get("acc_cnn")),
+            _pct(shown.get("acc_cnn")), _pct(row.get("agreement")), _num(row.get("fd_classifier_test")),
+            "–" if wall is None else f"{wall / 60:.1f} min"]) + " |")
+    return lines + [""]
 
 
 def planned_commands(study: Study, variants: list[str] | None = None) -> list[str]:
@@ -488,7 +527,9 @@ def reproduce_cpu(*, study_file: Path = STUDY_FILE, variants: list[str] | None =
     plot_learning_curves(curves, assets / "learning_curve.png", per_step)
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render_page(study, rows, curves, assets=assets, page=page, curve_n=curve_n,
-                                command="dpdm-reproduce cpu", more_rows=more_rows, per_step=per_step))
+                                command="dpdm-reproduce cpu", more_rows=more_rows, per_step=per_step,
+                                paper_rows=read_rows(results_dir / PAPER_N_ROWS)
+                                if (results_dir / PAPER_N_ROWS).exists() else []))
     progress(f"wrote {page}")
     return page
 
