@@ -27,7 +27,13 @@ import json, sys
 from dpdm.experiments.study import sampler_overrides
 print("\n".join(sampler_overrides(json.load(open(sys.argv[1]))["sampler"])))' "$run/samples_preset/sampler.json")
 
-if [ ! -f "$out/samples.npz" ]; then
+if [ -f "$out/samples.npz" ]; then  # reused only if drawn with the sampler the 12,000 were drawn with
+  "$bin/python" -c '
+import json, sys
+a, b = (json.load(open(p))["sampler"] for p in sys.argv[1:3])
+sys.exit(0 if a == b else f"{sys.argv[3]} was drawn with another sampler than {sys.argv[1]} ({a} against {b}); "
+         "move it aside to draw the 70,000 again")' "$run/samples_preset/sampler.json" "$out/sampler.json" "$out"
+else
   t0=$(date +%s)
   "$bin/dpdm-sample" "ckpt='$run/checkpoints/last.ckpt'" n=70000 out="$out" batch_size=500 "${sampler[@]}"
   echo "{\"wall_s\": $(( $(date +%s) - t0 ))}" > "$out/timing.json"
