@@ -30,13 +30,12 @@ print("\n".join(sampler_overrides(json.load(open(sys.argv[1]))["sampler"])))' "$
 if [ -f "$out/samples.npz" ]; then  # reused only if drawn with the sampler the 12,000 were drawn with
   "$bin/python" -c '
 import json, sys
+from dpdm.experiments.study import same_sampler
 a, b = (json.load(open(p))["sampler"] for p in sys.argv[1:3])
-sys.exit(0 if a == b else f"{sys.argv[3]} was drawn with another sampler than {sys.argv[1]} ({a} against {b}); "
-         "move it aside to draw the 70,000 again")' "$run/samples_preset/sampler.json" "$out/sampler.json" "$out"
+sys.exit(0 if same_sampler(a, b) else f"{sys.argv[3]} was drawn with another sampler than {sys.argv[1]} ({a} "
+         f"against {b}); move it aside to draw the 70,000 again")' "$run/samples_preset/sampler.json" "$out/sampler.json" "$out"
 else
-  t0=$(date +%s)
   "$bin/dpdm-sample" "ckpt='$run/checkpoints/last.ckpt'" n=70000 out="$out" batch_size=500 "${sampler[@]}"
-  echo "{\"wall_s\": $(( $(date +%s) - t0 ))}" > "$out/timing.json"
 fi
 o="evaluation.metrics=[downstream,fd_classifier,real_cnn_on_synthetic] evaluation.reference_splits=[test]"
 # shellcheck disable=SC2086
@@ -50,10 +49,11 @@ preset, run, out, rows, command = sys.argv[1:6]
 report = json.load(open(f"{out}/eval/eval.json"))
 m, details = report["metrics"], report.get("details", {})
 facts = run_facts(Path(run))
+drawn = json.load(open(f"{out}/sampler.json"))
 row = {"study": "paper_protocol", "preset": preset, "run_dir": run, "train_wall_s": facts["train_wall_s"],
        "epsilon": facts.get("epsilon"), "samples": f"{out}/samples.npz",
-       "sampler": json.load(open(f"{out}/sampler.json"))["sampler"],
-       "sample_wall_s": json.load(open(f"{out}/timing.json"))["wall_s"],
+       # draw_s: dpdm-sample's own count over every call that drew the set (an interrupted draw resumes)
+       "sampler": drawn["sampler"], "sample_wall_s": drawn["draw_s"],
        "num_train": 60000, "val_size": 10000, "max_epochs": 50, "patience": None}
 for name in ("logreg", "mlp", "cnn"):
     row[f"acc_{name}"] = m.get(f"eval/acc_{name}")
