@@ -193,6 +193,18 @@ def test_a_run_trained_for_another_recipe_is_kept_aside_and_trained_again(tmp_pa
     assert not _scored(rows, "v", "dp", "own", run, 10, True, train_wall_s=101.0)
 
 
+def test_a_row_names_its_run_by_directory_and_training_wall_time():
+    """`of_run` is how every rows reader (study, rescoring seeds, results/cpu.md) tells a run from an
+    earlier training in the same directory; a path and its string name the same run."""
+    from dpdm.experiments.study import of_run
+
+    row = {"run_dir": "runs/s/v/dp", "train_wall_s": 1234.5}
+    assert of_run(row, Path("runs/s/v/dp"), 1234.5) and of_run(row, "runs/s/v/dp", 1234.5)
+    assert not of_run(row, Path("runs/s/v/dp"), 1234.6)            # trained again in the same dir
+    assert not of_run(row, Path("runs/s/v/dp.old1"), 1234.5)       # moved aside: its rows moved with it
+    assert not of_run({"run_dir": "runs/s/v/dp"}, Path("runs/s/v/dp"), 1234.5)   # a row without a wall time
+
+
 def test_runs_from_before_the_group_renames_are_still_their_recipe(tmp_path):
     """Runs trained before `denoiser`/`noise` became `preconditioning`/`noise_levels` (and before optim
     was a Hydra partial, and lr_schedule existed) store the old layout; the same recipe must not read as

@@ -26,6 +26,7 @@ from dpdm.experiments.study import (
     configured_sampler,
     draw,
     drawn_with,
+    of_run,
     preset_recipe,
     read_rows,
     recipe_differences,
@@ -420,8 +421,7 @@ def paper_n_row(shown: dict | None, paper_rows: list[dict]) -> dict | None:
     have held an earlier training), or None."""
     if shown is None:
         return None
-    same = [r for r in paper_rows if r.get("run_dir") == shown.get("run_dir")
-            and r.get("train_wall_s") == shown.get("train_wall_s")]
+    same = [r for r in paper_rows if of_run(r, shown.get("run_dir"), shown.get("train_wall_s"))]
     return same[-1] if same else None
 
 

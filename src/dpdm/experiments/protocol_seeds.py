@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dpdm.evaluation.protocol import DownstreamSettings, EvalSettings
-from dpdm.experiments.study import Study, read_rows, run_facts
+from dpdm.experiments.study import Study, of_run, read_rows, run_facts
 
 RESCORED_SUFFIXES = ("_protocol_seeds", "_precision_recall")
 
@@ -46,8 +46,8 @@ def study_row_of(npz: Path, rows_dir: Path) -> tuple[dict, Path] | None:
         if path.stem.endswith(RESCORED_SUFFIXES):
             continue
         for r in read_rows(path):
-            if (r.get("run_dir") == str(run) and r.get("sampler") == sampler and r.get("train_wall_s") == wall
-                    and r.get("sample_n") == n and r.get("acc_cnn") is not None):
+            if (of_run(r, run, wall) and r.get("sampler") == sampler and r.get("sample_n") == n
+                    and r.get("acc_cnn") is not None):
                 found = (r, path)   # rows are appended, so the last one is the newest
     return found
 

@@ -291,13 +291,20 @@ def same_sampler(a: dict | None, b: dict | None) -> bool:
     return a is not None and b is not None and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
+def of_run(row: dict, run_dir: Path | str, train_wall_s: float | None) -> bool:
+    """Whether `row` scored the run trained in `run_dir` that took `train_wall_s` to train. A row names its
+    run by directory and training wall time: a run trained again in the same directory (its recipe changed,
+    or a rerun) is not the one an older row scored."""
+    return row.get("run_dir") == str(run_dir) and row.get("train_wall_s") == train_wall_s
+
+
 def repoint_rows(rows_path: Path, run_dir: Path, train_wall_s: float | None, moved_to: Path) -> int:
     """Point the rows that scored the run trained in `run_dir` (named by directory and training wall time,
-    as `_scored` does) at `moved_to`, where that run now lies, with the sample sets they name inside it;
+    as `of_run` does) at `moved_to`, where that run now lies, with the sample sets they name inside it;
     the number of rows changed. Without this a row that another variant reuses (a shared control) would
     name whatever is trained there next."""
     rows = read_rows(rows_path) if rows_path.exists() else []
-    scored = [r for r in rows if r.get("run_dir") == str(run_dir) and r.get("train_wall_s") == train_wall_s]
+    scored = [r for r in rows if of_run(r, run_dir, train_wall_s)]
     for row in scored:
         row["run_dir"] = str(moved_to)
         inside = Path(row["samples"]) if row.get("samples") else None
@@ -344,7 +351,7 @@ def move_aside(path: Path, rows_path: Path | None = None) -> Path:
 def set_aside_absent_runs(run_dir: Path, rows_path: Path | None) -> list[Path]:
     """Before a run is trained into `run_dir`, which holds no finished run: point the rows of `rows_path`
     and of the rows files beside it that name it (for runs not here, told apart by training wall time as
-    `_scored` does) at a free old name per run. The names given, the run most recently scored last."""
+    `of_run` does) at a free old name per run. The names given, the run most recently scored last."""
     if rows_path is None:
         return []
     walls = [r.get("train_wall_s") for p in rows_files(rows_path) if p.exists() for r in read_rows(p)
@@ -540,14 +547,12 @@ def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list
 
 def _scored(rows_path: Path, variant: str, mode: str, sampler: str, run_dir: Path, n: int, downstream: bool,
             train_wall_s: float | None = None) -> bool:
-    """Whether this run's samples were scored already (with the downstream protocol, if asked for).
-    A row names its run by directory and training wall time: a run trained again in the same directory
-    (its recipe changed) is not the one an older row scored."""
+    """Whether this run's samples were scored already (with the downstream protocol, if asked for; the run
+    as `of_run` names it)."""
     if not rows_path.exists():
         return False
     return any(r["variant"] == variant and r["mode"] == mode and r["sampler"] == sampler
-               and r.get("run_dir") == str(run_dir) and r.get("sample_n") == n
-               and r.get("train_wall_s") == train_wall_s
+               and of_run(r, run_dir, train_wall_s) and r.get("sample_n") == n
                and (not downstream or "acc_cnn" in r) for r in read_rows(rows_path))
 
 
