@@ -11,8 +11,8 @@
 #
 #   bash scripts/study/paper_protocol.sh <preset> <run dir>     e.g. mnist_eps1_cpu runs/study/cpu_presets/mnist_eps1_cpu/dp
 #
-# About half an hour per run on 2 cores: mnist_eps1_cpu took 10.8 min to sample and 15 to score, fmnist_eps10_cpu
-# (two blocks per resolution) 14.9 to sample.
+# About half an hour per run on 2 cores: sampling took 10.8-14.8 min (fmnist_eps10_cpu's two blocks per resolution
+# the slowest), scoring 11.9-12.8 min alone on the cores.
 set -euo pipefail
 preset=$1 run=${2%/}
 bin=${BIN:-.venv/bin}
@@ -42,12 +42,11 @@ o="evaluation.metrics=[downstream,fd_classifier,real_cnn_on_synthetic] evaluatio
 "$bin/dpdm-evaluate" "$out/samples.npz" $o out="$out/eval"
 
 "$bin/python" - "$preset" "$run" "$out" "$rows" "dpdm-evaluate <samples> $o" <<'EOF'
-import json, os, platform, sys, time
+import json, sys, time
 from pathlib import Path
-from dpdm.experiments.study import run_facts
+from dpdm.experiments.study import machine_line, run_facts
 preset, run, out, rows, command = sys.argv[1:6]
-report = json.load(open(f"{out}/eval/eval.json"))
-m, details = report["metrics"], report.get("details", {})
+m = json.load(open(f"{out}/eval/eval.json"))["metrics"]
 facts = run_facts(Path(run))
 drawn = json.load(open(f"{out}/sampler.json"))
 row = {"study": "paper_protocol", "preset": preset, "run_dir": run, "train_wall_s": facts["train_wall_s"],
@@ -59,7 +58,7 @@ for name in ("logreg", "mlp", "cnn"):
     row[f"acc_{name}"] = m.get(f"eval/acc_{name}")
     row[f"best_epoch_{name}"] = m.get(f"eval/best_epoch_{name}")
 row.update(agreement=m.get("eval/real_cnn_acc_on_synthetic"), fd_classifier_test=m.get("eval/fd_classifier_test"),
-           command=command, machine=f"{platform.machine()}, {os.cpu_count()} cpus", time=time.strftime("%Y-%m-%d"))
+           command=command, machine=machine_line(), time=time.strftime("%Y-%m-%d"))
 with open(rows, "a") as f:
     f.write(json.dumps(row) + "\n")
 print(json.dumps(row))

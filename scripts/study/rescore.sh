@@ -18,7 +18,9 @@ trap 'rm -rf "$tmp"' EXIT
 
 append() {  # $1 eval.json, $2 rows file, $3 study name, $4 the dpdm-evaluate overrides, $5 protocol seed or ""
   "$bin/python" - "$@" "$label" "$npz" <<'EOF'
-import json, platform, os, sys, time
+import json, os, sys, time
+from pathlib import Path
+from dpdm.experiments.study import machine_line, run_facts
 path, rows, study, overrides, seed, label, npz = sys.argv[1:8]
 m = json.load(open(path))["metrics"]
 row = {"study": study, "recipe": label, "samples": npz}
@@ -26,15 +28,13 @@ row = {"study": study, "recipe": label, "samples": npz}
 # run_facts), so that dpdm-study / dpdm-reproduce can point this row at the run's new name when they move it.
 run = os.path.dirname(os.path.dirname(os.path.normpath(npz)))
 if os.path.exists(os.path.join(run, "summary.json")):
-    from pathlib import Path
-    from dpdm.experiments.study import run_facts
     row.update(run_dir=run, train_wall_s=run_facts(Path(run))["train_wall_s"])
 if study.endswith("_protocol_seeds"):
     row.update(protocol_seed=int(seed), classifier="cnn", val_size=2000, max_epochs=30, patience=5,
                acc_cnn=m["eval/acc_cnn"], best_epoch=int(m["eval/best_epoch_cnn"]))
 else:
     row.update({k.removeprefix("eval/"): v for k, v in m.items() if "precision" in k or "recall" in k})
-row.update(command=f"dpdm-evaluate <samples> {overrides}", machine=f"{platform.machine()}, {os.cpu_count()} cpus",
+row.update(command=f"dpdm-evaluate <samples> {overrides}", machine=machine_line(),
            time=time.strftime("%Y-%m-%d"))
 with open(rows, "a") as f:
     f.write(json.dumps(row) + "\n")
