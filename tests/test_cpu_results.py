@@ -190,7 +190,7 @@ def test_the_paper_n_section_shows_the_score_of_the_shown_runs_own_samples(tmp_p
     page = reproduce_cpu(study_file=study, runs_dir=tmp_path / "runs", results_dir=results / "study",
                          page=results / "cpu.md", report_only=True, progress=lambda *a: None)
     section = page.read_text().split("## At the paper's n")[1].split("\n## ")[0]
-    assert "| `mnist_eps10_cpu` | 90.0% | 92.0% | 96.8% | 95.3% | 88.0% | 45.3 | 10.5 min |" in section
+    assert "| `mnist_eps10_cpu` | 90.0% | 92.0% | 96.8% | 95.3% | one run | 88.0% | 45.3 | 10.5 min |" in section
     assert "| `mnist_eps1_cpu` | not measured | | | 90.0% |" in section and "50.0%" not in section
 
 
@@ -349,6 +349,36 @@ def test_the_page_shows_every_run_of_the_presets_recipe_from_the_studies_it_name
     # 92.6, 88.0 and 91.0: mean 90.53, sample sd sqrt(((2.067)² + (2.533)² + (0.467)²) / 2) = 2.34
     assert "| 92.6 / 88.0 / 91.0% (90.5 ± 2.3, 3 runs) |" in line, line
     assert "`mnist_eps10_cpu`: seeds_mini" in page.read_text()
+
+
+def test_the_paper_n_section_lists_every_run_of_the_recipe_scored_at_the_papers_n(tmp_path):
+    """The paper-n spread counts the runs the results table's spread counts (the preset's own and its
+    more_runs studies' runs of the same recipe), each by its newest paper-n row; a run of another recipe, or
+    an earlier training in a run's dir (another wall time), is left out."""
+    study = _study_with_more_runs(tmp_path, {"downstream": {"val_size": 2000, "max_epochs": 30, "patience": 5}})
+    results = tmp_path / "results" / "study"
+    recipe = preset_recipe(Study.load(study), "mnist_eps10_cpu")
+    heun = {"name": "edm_heun", "num_steps": 14, "sigma_min": 0.05, "guidance": 0.0}
+    same = {**recipe, "sampler_spec": heun, "target_epsilon": 10.0}
+    own = [_row("mnist_eps10_cpu", "dp", **same, acc_cnn=0.95, run_dir="runs/a")]
+    seeds = [_row("seed1", "dp", **same, acc_cnn=0.94, run_dir="runs/c"),
+             _row("seed1", "dp", **same, acc_cnn=0.93, run_dir="runs/b"),
+             _row("lr", "dp", **{**same, "lr": recipe["lr"] * 3}, acc_cnn=0.90, run_dir="runs/d")]
+    for name, rows in (("cpu_mini", own), ("seeds_mini", seeds)):
+        (results / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paper = [{"run_dir": "runs/a", "train_wall_s": 2700.0, "acc_cnn": 0.96, "sample_wall_s": 600},
+             {"run_dir": "runs/c", "train_wall_s": 2700.0, "acc_cnn": 0.90},
+             {"run_dir": "runs/c", "train_wall_s": 2700.0, "acc_cnn": 0.93},   # c's newest
+             {"run_dir": "runs/b", "train_wall_s": 1200.0, "acc_cnn": 0.10},   # an earlier training in b
+             {"run_dir": "runs/d", "train_wall_s": 2700.0, "acc_cnn": 0.20}]   # another recipe
+    (results / "paper_protocol.jsonl").write_text("".join(json.dumps(r) + "\n" for r in paper))
+    page = reproduce_cpu(study_file=study, runs_dir=tmp_path / "runs", results_dir=results,
+                         page=tmp_path / "results" / "cpu.md", report_only=True, progress=lambda *a: None)
+    section = page.read_text().split("## At the paper's n")[1].split("\n## ")[0]
+    line = next(x for x in section.splitlines() if x.startswith("| `mnist_eps10_cpu`"))
+    # 96.0 and 93.0: mean 94.5, sample sd sqrt(2 × 1.5²) = 2.12
+    assert "| 96.0% | 95.0% | 96.0 / 93.0% (94.5 ± 2.1, 2 runs) |" in line, line
+    assert "10.0%" not in line and "20.0%" not in line
 
 
 def test_a_study_named_under_more_runs_must_score_the_same_way(tmp_path):
