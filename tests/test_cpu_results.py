@@ -325,30 +325,43 @@ def _study_with_more_runs(tmp_path, seeds_evaluation):
     return study
 
 
+HEUN = {"name": "edm_heun", "num_steps": 14, "sigma_min": 0.05, "guidance": 0.0}
+
+
+def _recipe_rows(study):
+    """The preset's recipe, and a row's fields for a DP run of it at ε = 10 drawn with HEUN."""
+    recipe = preset_recipe(Study.load(study), "mnist_eps10_cpu")
+    return recipe, {**recipe, "sampler_spec": HEUN, "target_epsilon": 10.0}
+
+
+def _page_of(tmp_path, study, own, seeds):
+    """results/cpu.md (report only) from the preset's own rows and those of its more_runs study."""
+    results = tmp_path / "results" / "study"
+    for name, rows in (("cpu_mini", own), ("seeds_mini", seeds)):
+        (results / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = reproduce_cpu(study_file=study, runs_dir=tmp_path / "runs", results_dir=results,
+                         page=tmp_path / "results" / "cpu.md", report_only=True, progress=lambda *a: None)
+    return page.read_text()
+
+
 def test_the_page_shows_every_run_of_the_presets_recipe_from_the_studies_it_names(tmp_path):
     """The spread column lists the preset's own run and the other studies' runs of the same recipe, ε and
     sampler (the newest row per run), and leaves out other recipes, samplers, budgets and controls."""
     study = _study_with_more_runs(tmp_path, {"downstream": {"val_size": 2000, "max_epochs": 30, "patience": 5}})
-    results = tmp_path / "results" / "study"
-    recipe = preset_recipe(Study.load(study), "mnist_eps10_cpu")
-    heun = {"name": "edm_heun", "num_steps": 14, "sigma_min": 0.05, "guidance": 0.0}
-    same = {**recipe, "sampler_spec": heun, "target_epsilon": 10.0}
+    recipe, same = _recipe_rows(study)
     own = [_row("mnist_eps10_cpu", "dp", **same, acc_cnn=0.926, run_dir="runs/a")]
     seeds = [_row("seed1", "dp", **same, acc_cnn=0.70, run_dir="runs/b"),           # rescored below
              _row("seed1", "dp", **same, acc_cnn=0.88, run_dir="runs/c"),
              _row("seed1", "dp", **same, acc_cnn=0.91, run_dir="runs/b"),           # b's newest row
              _row("lr", "dp", **{**same, "lr": recipe["lr"] * 3}, acc_cnn=0.50, run_dir="runs/d"),
-             _row("w2", "dp", **{**same, "sampler_spec": {**heun, "guidance": 2.0}}, acc_cnn=0.40, run_dir="runs/e"),
+             _row("w2", "dp", **{**same, "sampler_spec": {**HEUN, "guidance": 2.0}}, acc_cnn=0.40, run_dir="runs/e"),
              _row("eps1", "dp", **{**same, "target_epsilon": 1.0}, acc_cnn=0.30, run_dir="runs/f"),
              _row("seed1", "nonprivate", **same, acc_cnn=0.99, run_dir="runs/g")]
-    for name, rows in (("cpu_mini", own), ("seeds_mini", seeds)):
-        (results / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    page = reproduce_cpu(study_file=study, runs_dir=tmp_path / "runs", results_dir=results,
-                         page=tmp_path / "results" / "cpu.md", report_only=True, progress=lambda *a: None)
-    line = next(x for x in page.read_text().splitlines() if x.startswith("| `mnist_eps10_cpu`"))
+    text = _page_of(tmp_path, study, own, seeds)
+    line = next(x for x in text.splitlines() if x.startswith("| `mnist_eps10_cpu`"))
     # 92.6, 88.0 and 91.0: mean 90.53, sample sd sqrt(((2.067)² + (2.533)² + (0.467)²) / 2) = 2.34
     assert "| 92.6 / 88.0 / 91.0% (90.5 ± 2.3, 3 runs) |" in line, line
-    assert "`mnist_eps10_cpu`: seeds_mini" in page.read_text()
+    assert "`mnist_eps10_cpu`: seeds_mini" in text
 
 
 def test_the_paper_n_section_lists_every_run_of_the_recipe_scored_at_the_papers_n(tmp_path):
@@ -356,25 +369,18 @@ def test_the_paper_n_section_lists_every_run_of_the_recipe_scored_at_the_papers_
     more_runs studies' runs of the same recipe), each by its newest paper-n row; a run of another recipe, or
     an earlier training in a run's dir (another wall time), is left out."""
     study = _study_with_more_runs(tmp_path, {"downstream": {"val_size": 2000, "max_epochs": 30, "patience": 5}})
-    results = tmp_path / "results" / "study"
-    recipe = preset_recipe(Study.load(study), "mnist_eps10_cpu")
-    heun = {"name": "edm_heun", "num_steps": 14, "sigma_min": 0.05, "guidance": 0.0}
-    same = {**recipe, "sampler_spec": heun, "target_epsilon": 10.0}
+    recipe, same = _recipe_rows(study)
     own = [_row("mnist_eps10_cpu", "dp", **same, acc_cnn=0.95, run_dir="runs/a")]
     seeds = [_row("seed1", "dp", **same, acc_cnn=0.94, run_dir="runs/c"),
              _row("seed1", "dp", **same, acc_cnn=0.93, run_dir="runs/b"),
              _row("lr", "dp", **{**same, "lr": recipe["lr"] * 3}, acc_cnn=0.90, run_dir="runs/d")]
-    for name, rows in (("cpu_mini", own), ("seeds_mini", seeds)):
-        (results / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     paper = [{"run_dir": "runs/a", "train_wall_s": 2700.0, "acc_cnn": 0.96, "sample_wall_s": 600},
              {"run_dir": "runs/c", "train_wall_s": 2700.0, "acc_cnn": 0.90},
              {"run_dir": "runs/c", "train_wall_s": 2700.0, "acc_cnn": 0.93},   # c's newest
              {"run_dir": "runs/b", "train_wall_s": 1200.0, "acc_cnn": 0.10},   # an earlier training in b
              {"run_dir": "runs/d", "train_wall_s": 2700.0, "acc_cnn": 0.20}]   # another recipe
-    (results / "paper_protocol.jsonl").write_text("".join(json.dumps(r) + "\n" for r in paper))
-    page = reproduce_cpu(study_file=study, runs_dir=tmp_path / "runs", results_dir=results,
-                         page=tmp_path / "results" / "cpu.md", report_only=True, progress=lambda *a: None)
-    section = page.read_text().split("## At the paper's n")[1].split("\n## ")[0]
+    (tmp_path / "results" / "study" / "paper_protocol.jsonl").write_text("".join(json.dumps(r) + "\n" for r in paper))
+    section = _page_of(tmp_path, study, own, seeds).split("## At the paper's n")[1].split("\n## ")[0]
     line = next(x for x in section.splitlines() if x.startswith("| `mnist_eps10_cpu`"))
     # 96.0 and 93.0: mean 94.5, sample sd sqrt(2 × 1.5²) = 2.12
     assert "| 96.0% | 95.0% | 96.0 / 93.0% (94.5 ± 2.1, 2 runs) |" in line, line
