@@ -35,15 +35,14 @@ for case in A B; do
   "$bin/python" - "$run" "$run/samples_paper/diag_$case/eval.json" "$rows" "$case" "$what" "dpdm-evaluate $input $o" <<'PY'
 import json, sys, time
 from pathlib import Path
-from dpdm.experiments.study import machine_line, run_facts
+from dpdm.experiments.study import append_row, machine_line, run_facts
 run, path, rows, case, what, command = sys.argv[1:7]
 m = json.load(open(path))["metrics"]
 row = {"study": "paper_protocol_diagnostics", "run_dir": run, "train_wall_s": run_facts(Path(run))["train_wall_s"],
        "case": case, "what": what, "acc_cnn": m["eval/acc_cnn"], "best_epoch_cnn": m["eval/best_epoch_cnn"],
        "val_acc_cnn": m["eval/val_acc_cnn"], "command": command,
        "machine": machine_line(), "time": time.strftime("%Y-%m-%d")}
-with open(rows, "a") as f:
-    f.write(json.dumps(row) + "\n")
+append_row(rows, row)
 print(json.dumps(row))
 PY
 done

@@ -44,7 +44,7 @@ o="evaluation.metrics=[downstream,fd_classifier,real_cnn_on_synthetic] evaluatio
 "$bin/python" - "$preset" "$run" "$out" "$rows" "dpdm-evaluate <samples> $o" <<'EOF'
 import json, sys, time
 from pathlib import Path
-from dpdm.experiments.study import machine_line, run_facts
+from dpdm.experiments.study import append_row, machine_line, run_facts
 preset, run, out, rows, command = sys.argv[1:6]
 m = json.load(open(f"{out}/eval/eval.json"))["metrics"]
 facts = run_facts(Path(run))
@@ -59,7 +59,6 @@ for name in ("logreg", "mlp", "cnn"):
     row[f"best_epoch_{name}"] = m.get(f"eval/best_epoch_{name}")
 row.update(agreement=m.get("eval/real_cnn_acc_on_synthetic"), fd_classifier_test=m.get("eval/fd_classifier_test"),
            command=command, machine=machine_line(), time=time.strftime("%Y-%m-%d"))
-with open(rows, "a") as f:
-    f.write(json.dumps(row) + "\n")
+append_row(rows, row)
 print(json.dumps(row))
 EOF

@@ -20,7 +20,7 @@ append() {  # $1 eval.json, $2 rows file, $3 study name, $4 the dpdm-evaluate ov
   "$bin/python" - "$@" "$label" "$npz" <<'EOF'
 import json, os, sys, time
 from pathlib import Path
-from dpdm.experiments.study import machine_line, run_facts
+from dpdm.experiments.study import append_row, machine_line, run_facts
 path, rows, study, overrides, seed, label, npz = sys.argv[1:8]
 m = json.load(open(path))["metrics"]
 row = {"study": study, "recipe": label, "samples": npz}
@@ -36,8 +36,7 @@ else:
     row.update({k.removeprefix("eval/"): v for k, v in m.items() if "precision" in k or "recall" in k})
 row.update(command=f"dpdm-evaluate <samples> {overrides}", machine=machine_line(),
            time=time.strftime("%Y-%m-%d"))
-with open(rows, "a") as f:
-    f.write(json.dumps(row) + "\n")
+append_row(rows, row)
 print(json.dumps(row))
 EOF
 }

@@ -20,7 +20,7 @@ from dpdm.evaluation.downstream import LabeledImages
 from dpdm.evaluation.protocol import Evaluator
 from dpdm.evaluation.synthetic import samples_from_npz
 from dpdm.experiments.cpu_results import STUDY_FILE, curve_settings
-from dpdm.experiments.study import Study
+from dpdm.experiments.study import Study, append_row
 
 
 def median3(x: torch.Tensor) -> torch.Tensor:
@@ -56,8 +56,7 @@ def main(out: str, *pairs: str) -> None:
                "agreement": m.get("eval/real_cnn_acc_on_synthetic"),
                "fd_classifier": m.get("eval/fd_classifier_test"), "score_s": round(time.time() - t)}
         print(json.dumps(row), flush=True)
-        with open(out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(out, row)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dpdm.evaluation.protocol import DownstreamSettings, EvalSettings
-from dpdm.experiments.study import Study, of_run, read_rows, run_facts
+from dpdm.experiments.study import Study, append_row, of_run, read_rows, run_facts
 
 RESCORED_SUFFIXES = ("_protocol_seeds", "_precision_recall")
 
@@ -100,8 +100,7 @@ def main(argv: list[str]) -> int:
     if already_there(Path(seeds_path), new):
         print(f"protocol seed {new['protocol_seed']}: already in {seeds_path}")
         return 0
-    with open(seeds_path, "a") as f:
-        f.write(json.dumps(new) + "\n")
+    append_row(seeds_path, new)
     print(json.dumps(new))
     return 0
 

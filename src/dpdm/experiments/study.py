@@ -537,8 +537,7 @@ def run_study(study: Study, *, runs_dir: Path, results_dir: Path, variants: list
                        **({"downstream_protocol": settings.downstream.protocol()} if downstream else {}),
                        "run_dir": str(run_dir), "commit": _git_commit(), "machine": machine_line(),
                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                with rows_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_row(rows_path, row)
                 progress(f"    {variant}/{mode}/{sampler}: agreement {_pct(row['agreement'])}, "
                          f"fd_classifier {_num(row['fd_classifier_test'])}"
                          + (f", CNN {_pct(row.get('acc_cnn'))}" if "acc_cnn" in row else ""))
@@ -584,6 +583,13 @@ def read_rows(path: Path) -> list[dict]:
                                  "object per line, as dpdm-study run writes to results/study/<study>.jsonl "
                                  "(a study's .yaml is its recipe, not its rows)") from None
     return rows
+
+
+def append_row(path: Path | str, row: dict) -> None:
+    """Add one row to a rows file (one JSON object per line, as read_rows reads it); rows are only appended,
+    so the last row of a run is its newest."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
