@@ -71,3 +71,45 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
         main(["memorization", "--samples", str(path)])  # no dataset stored, none given
     assert e.value.code == 2
     assert "--dataset" in capsys.readouterr().err
+
+
+def test_run_option_compares_with_the_subset_the_run_trained_on(tmp_path, capsys):
+    # A proxy run trains on a seeded subset; its samples must be measured against those images, or copies
+    # of them hide among the 60,000 (a copy's nearest neighbour is found either way, but the yardstick and
+    # num_train describe another training set).
+    from dpdm.data import ImageDataModule
+
+    dm = ImageDataModule("mnist", batch_size=10, subset_size=500, seed=3, poisson_sampling=False)
+    dm.setup("fit")
+    seen = dm.train_set.images.numpy()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 3\ndata:\n  name: mnist\n  subset_size: 500\n  seed: ${seed}\n")
+    copies = seen[:40].copy()
+    copies[:, :, 0, 0] ^= 1
+    path = tmp_path / "samples.npz"
+    np.savez(path, x=copies, y=np.full(40, -1, dtype=np.int64), dataset=np.array("mnist"))
+    assert main(["memorization", "--samples", str(path), "--run", str(run), "--n-heldout", "200", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_train"] == 500 and report["run"] == str(run)
+    assert report["fraction_below_threshold"] == 1.0
+    # Held-out images are far from 500 training images: the yardstick is that set's, not the full split's.
+    assert main(["memorization", "--samples", str(path), "--n-heldout", "200", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["num_train"] == 60000 and full["threshold"] < report["threshold"]
+
+
+def test_run_option_refuses_a_run_of_another_dataset(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data:\n  name: fashion_mnist\n  subset_size: null\n  seed: 0\n")
+    path = tmp_path / "samples.npz"
+    np.savez(path, x=np.zeros((2, 1, 28, 28), np.uint8), y=np.zeros(2, np.int64), dataset=np.array("mnist"))
+    with pytest.raises(SystemExit) as e:
+        main(["memorization", "--samples", str(path), "--run", str(run)])
+    assert e.value.code == 2
+    assert "fashion_mnist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["memorization", "--samples", str(path), "--run", str(tmp_path / "nowhere")])
+    assert e.value.code == 2
+    assert "config.yaml" in capsys.readouterr().err

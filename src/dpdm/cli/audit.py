@@ -1,7 +1,8 @@
 """dpdm-audit: empirical checks of privacy — a one-run canary audit of DP-SGD, and a memorization report.
 
     dpdm-audit canary [--epsilon 1 10] [--canaries 1000] [--epochs 5] [--real 500] [--seed S] [--json]
-    dpdm-audit memorization --samples samples.npz [--dataset mnist] [--n-heldout 1000] [--json] [--out r.json]
+    dpdm-audit memorization --samples samples.npz [--dataset mnist] [--run RUN_DIR] [--n-heldout 1000] [--json]
+                            [--out r.json]
 
 `canary` trains a very small DDPM++ U-Net with DP-SGD through the real training module on a subset of the
 training images plus m gradient canaries, and prints the accountant's ε next to the empirical lower
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     mem = sub.add_parser("memorization", help="nearest-training-image distances of samples vs held-out images")
     mem.add_argument("--samples", type=Path, required=True, help="samples.npz written by dpdm-sample")
     mem.add_argument("--dataset", default=None, help="training dataset (default: the one stored in the npz)")
+    mem.add_argument("--run", type=Path, default=None,
+                     help="the run dir that trained the model: compare with the images it trained on "
+                          "(its data.subset_size and seed), not the whole training split")
     mem.add_argument("--data-dir", default=None)
     mem.add_argument("--n-heldout", type=int, default=1000, help="held-out (test split) images to compare")
     mem.add_argument("--seed", type=int, default=0, help="which held-out images (a seeded subset)")
@@ -106,10 +110,25 @@ def _canary(args) -> int:
     return 0
 
 
+def _run_training_set(run_dir: Path) -> dict:
+    """The dataset, subset size and subset seed a run trained with, from its saved config.yaml."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; --run takes the run dir dpdm-train wrote (it holds "
+                                "config.yaml)")
+    data = OmegaConf.load(path).get("data") or {}
+    if "name" not in data:
+        raise ValueError(f"{path} has no data.name; is it a dpdm-train run's config?")
+    return {"name": data["name"], "subset_size": data.get("subset_size"), "seed": int(data.get("seed") or 0)}
+
+
 def _memorization(args) -> int:
     import torch
 
     from dpdm.data import load_split
+    from dpdm.data.datamodule import training_subset
     from dpdm.evaluation.memorization import memorization_report
     from dpdm.evaluation.synthetic import samples_from_npz
     from dpdm.utils.jsonio import write_json_atomic
@@ -117,10 +136,17 @@ def _memorization(args) -> int:
     if not args.samples.is_file():
         raise FileNotFoundError(f"{args.samples} does not exist; pass a samples.npz written by dpdm-sample")
     samples, stored = samples_from_npz(args.samples)
-    dataset = args.dataset or stored
+    run_data = _run_training_set(args.run) if args.run is not None else None
+    dataset = args.dataset or (run_data or {}).get("name") or stored
     if not dataset:
         raise ValueError(f"{args.samples} does not name its dataset; pass --dataset")
+    for source, name in (("--run's config", (run_data or {}).get("name")), (str(args.samples), stored)):
+        if name and name != dataset:
+            raise ValueError(f"{source} names dataset {name!r}, not {dataset!r}; pass the matching samples and run")
     train, _ = load_split(dataset, "train", data_dir=args.data_dir)
+    if run_data is not None and (keep := training_subset(train.shape[0], run_data["subset_size"],
+                                                         run_data["seed"])) is not None:
+        train = train[keep]
     test, _ = load_split(dataset, "test", data_dir=args.data_dir)
     if samples.images.shape[1:] != train.shape[1:]:
         raise ValueError(f"samples are {tuple(samples.images.shape[1:])} images but {dataset} has "
@@ -129,15 +155,17 @@ def _memorization(args) -> int:
         raise ValueError(f"--n-heldout must be between 1 and {test.shape[0]}, got {args.n_heldout}")
     keep = torch.randperm(test.shape[0], generator=torch.Generator().manual_seed(args.seed))[:args.n_heldout]
     report = memorization_report(samples.images, train, test[keep])
-    out = {"samples": str(args.samples), "dataset": dataset, **report.to_dict()}
+    out = {"samples": str(args.samples), "dataset": dataset, "run": None if args.run is None else str(args.run),
+           **report.to_dict()}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out, out)
     if args.json:
         print(json.dumps(out, sort_keys=True))
         return 0
+    seen = f" (the ones {args.run} trained on)" if args.run is not None else ""
     print(f"memorization report: {report.num_samples} samples vs {report.num_train} {dataset} training "
-          f"images; yardstick: {report.num_heldout} held-out test images (L2, pixels in [0, 1])")
+          f"images{seen}; yardstick: {report.num_heldout} held-out test images (L2, pixels in [0, 1])")
     print(f"{'':26}{'min':>8}{'1%':>8}{'5%':>8}{'median':>8}")
     for name, q in (("d(sample, train)", report.samples_to_train), ("d(held-out, train)", report.heldout_to_train),
                     ("d1/d2 sample", report.samples_ratio), ("d1/d2 held-out", report.heldout_ratio)):

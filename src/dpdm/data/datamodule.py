@@ -61,6 +61,17 @@ def batch_passthrough(batch: Any) -> Any:
     return batch
 
 
+def training_subset(num_images: int, subset_size: int | None, seed: int) -> torch.Tensor | None:
+    """Indices of the seeded subset a run with `data.subset_size` trains on; None when it trains on all.
+
+    Own generator: choosing the subset must not advance the sampling stream, and a given seed always
+    picks the same images (so `dpdm-audit memorization --run` can compare samples with what was seen).
+    """
+    if subset_size is None or subset_size >= num_images:
+        return None
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))[:subset_size]
+
+
 class ImageDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -153,11 +164,7 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
             images, labels = self._load_train()
-            if self.subset_size is not None and self.subset_size < images.shape[0]:
-                # Own generator: choosing the subset must not advance the
-                # sampling stream (and stays the same for a given seed).
-                perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.seed))
-                keep = perm[: self.subset_size]
+            if (keep := training_subset(images.shape[0], self.subset_size, self.seed)) is not None:
                 images, labels = images[keep], labels[keep]
             if self.batch_size > images.shape[0]:
                 raise ValueError(
