@@ -137,10 +137,11 @@ def _memorization(args) -> int:
         raise FileNotFoundError(f"{args.samples} does not exist; pass a samples.npz written by dpdm-sample")
     samples, stored = samples_from_npz(args.samples)
     run_data = _run_training_set(args.run) if args.run is not None else None
-    dataset = args.dataset or (run_data or {}).get("name") or stored
+    run_dataset = run_data["name"] if run_data is not None else None
+    dataset = args.dataset or run_dataset or stored
     if not dataset:
         raise ValueError(f"{args.samples} does not name its dataset; pass --dataset")
-    for source, name in (("--run's config", (run_data or {}).get("name")), (str(args.samples), stored)):
+    for source, name in (("--run's config", run_dataset), (str(args.samples), stored)):
         if name and name != dataset:
             raise ValueError(f"{source} names dataset {name!r}, not {dataset!r}; pass the matching samples and run")
     train, _ = load_split(dataset, "train", data_dir=args.data_dir)
