@@ -42,6 +42,7 @@ from dpdm.diffusion.loss import denoising_loss_per_example, draw_training_noise
 from dpdm.diffusion.noise_levels import LogNormalSigma
 from dpdm.diffusion.preconditioning import Denoiser, EDMPreconditioning
 from dpdm.utils.allocator import retain_freed_memory
+from dpdm.utils.machine import machine_facts
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {
@@ -237,8 +238,12 @@ def print_table(rows: dict, args) -> None:
     ref_np = rows.get("nonprivate", {}).get("noised_images_per_s")
     ref_op = rows.get("opacus", {}).get("noised_images_per_s")
     n_img = args.batch * args.k
+    where = args.device
+    if str(args.device).startswith("cpu"):
+        facts = machine_facts()
+        where += f" ({', '.join([facts['cpu'], facts['cpu_isa'], *facts['cpu_bf16_flags']])})"
     print(f"\n{args.net}, {args.batch} examples x K={args.k} = {n_img} noised images/step, "
-          f"{args.device}, {args.precision}, {torch.get_num_threads()} threads, "
+          f"{where}, {args.precision}, {torch.get_num_threads()} threads, "
           f"malloc {'tuned' if args.malloc_tuned else 'default'}")
     print(f"{'variant':<19}{'img/s':>10}{'step s':>9}{'vs non-private':>16}{'vs opacus':>11}"
           f"{'peak MiB':>10}{'bytes/img':>11}")
@@ -256,6 +261,8 @@ def machine() -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__}
+    facts = machine_facts()
+    info.update({k: facts[k] for k in ("cpu", "cpu_isa", "cpu_bf16_flags", "cpu_bf16_kernels")})
     import opacus
     info["opacus"] = opacus.__version__
     if torch.cuda.is_available():

@@ -43,6 +43,8 @@ def run_training(cfg: DictConfig) -> dict:
     check_null_label_trained(module.denoiser, module.label_dropout, cfg.sampler, unconditional=False)
     OmegaConf.resolve(cfg)  # from here one consistent, fully interpolated config for every component
     log.info(describe_plan(plan, dm.examples_per_person))
+    if (slow := slow_precision_warning(cfg.trainer)) is not None:
+        log.warning(slow)
     if cfg.ckpt_path is not None:  # refuse before anything in the run dir is (over)written
         check_resume(cfg.ckpt_path, plan, cfg.data)
     # Callbacks first: one that would release non-private metrics refuses here, before any file is written.
@@ -62,6 +64,7 @@ def run_training(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
     from dpdm.training.callbacks import privacy_report
     from dpdm.utils.jsonio import write_json_atomic
+    from dpdm.utils.machine import machine_facts
 
     summary = {
         "privacy": privacy_report(module),
@@ -70,6 +73,7 @@ def run_training(cfg: DictConfig) -> dict:
         "optimizer_steps": int(trainer.global_step),
         "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
         "sample_grids": sorted(str(p) for p in (out / "samples").glob("*.png")),
+        "machine": machine_facts(),  # what wall_time_s was measured on
     }
     if module.log_nonprivate:  # opt-in, labelled: computed from the private data without noise
         summary["nonprivate"] = {"train_loss_last": _last_metric(trainer, "nonprivate/train_loss")}
@@ -171,6 +175,23 @@ def check_resume(ckpt_path, plan, data_cfg=None) -> None:
     if steps >= plan.planned_steps:
         raise ValueError(f"the run in {ckpt_path} already finished its {plan.planned_steps} planned "
                          "steps; nothing to resume. Start a new run (new hydra.run.dir) to train more.")
+
+
+def slow_precision_warning(trainer_cfg) -> str | None:
+    """bf16 on a CPU without oneDNN bf16 kernels is legal and private, but many times slower than fp32."""
+    import torch
+
+    from dpdm.utils.machine import cpu_isa, cpu_model, has_cpu_bf16_kernels
+
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if not precision.startswith("bf16") or not on_cpu or has_cpu_bf16_kernels():
+        return None
+    return (f"trainer.precision={precision} on this CPU ({cpu_model()}, {cpu_isa()}) will be much slower than "
+            "fp32: it has no bf16 kernels (they need AVX-512, or avx512_bf16 / AMX), and the DP step of the CPU "
+            "presets' network ran 9-11x slower in bf16-mixed on such a CPU (docs/performance.md). Use "
+            "trainer.precision=32-true here; bf16-mixed pays only on CPUs with bf16 support and on GPUs.")
 
 
 def _last_metric(trainer, key):

@@ -148,7 +148,7 @@ def plot_learning_curves(curves: dict[str, list[dict]], path: Path,
                            color=line.get_color())
         for ax in panels if name in TARGETS else []:
             ax.axhline(TARGETS[name], ls=":", lw=0.8, color=line.get_color())
-    by_minutes.set_xlabel("training wall time (minutes, 2 CPU cores; machines differ up to 2x)")
+    by_minutes.set_xlabel("training wall time (minutes, 2 CPU cores; machines differ up to 3x)")
     if by_images is not None:
         by_images.set_xlabel("noised images seen (thousands: B × K × step)")
     for ax in panels:
@@ -377,8 +377,9 @@ def render_page(study: Study, rows: list[dict], curves: dict[str, list[dict]], *
             _num(dp.get("fd_classifier_test")), control]) + " |")
     lines += ["", "ε comes from each run's privacy.json (the accountant over the steps that ran), rounded up at the "
               "fifth decimal. *Training*: wall time, and the noised images (B × K × steps) per second it ran at; "
-              "the presets were measured in different sessions, on machines whose speed differs by up to 2x, so "
-              "compare minutes only at a similar rate. Each cell shows "
+              "the presets were measured in different sessions, on machines whose speed differs by up to 3x "
+              "(`mnist_eps10_cpu`'s recipe trained at 543 noised images/s on the fastest, 197/s on an AVX2-only "
+              "AMD EPYC; docs/performance.md), so compare minutes only at a similar rate. Each cell shows "
               "the newest row whose recipe (batch, steps, K, lr, net, noise levels) is what the preset composes "
               "now. *Every run of the recipe*: the CNN of each DP run of that recipe at the same ε, drawn with the "
               "same sampler and scored as above, in this study's rows"

@@ -192,18 +192,19 @@ def format_duration(seconds: float) -> str:
 def hardware() -> dict[str, Any]:
     import torch
 
-    from dpdm.experiments.throughput import cpu_model
+    from dpdm.utils.machine import cpu_isa, cpu_model
 
     cpu = cpu_model()
     gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
             if torch.cuda.is_available() else [])
-    return {"gpus": gpus, "cpu": cpu, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+    return {"gpus": gpus, "cpu": cpu, "cpu_isa": cpu_isa(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version()}
 
 
 def describe_hardware(hw: dict) -> str:
     gpu = ", ".join(hw.get("gpus") or []) or "no GPU"
-    return f"{gpu}; CPU {hw.get('cpu')} ({hw.get('cpu_cores')} cores); torch {hw.get('torch')}"
+    isa = f", {hw['cpu_isa']}" if hw.get("cpu_isa") else ""
+    return f"{gpu}; CPU {hw.get('cpu')} ({hw.get('cpu_cores')} cores{isa}); torch {hw.get('torch')}"
 
 
 def state_path(d: Path) -> Path:

@@ -32,7 +32,6 @@ import copy
 import functools
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 
 from dpdm.utils.files import atomic_path
 from dpdm.utils.jsonio import read_json
+from dpdm.utils.machine import machine_line
 
 DP, NONPRIVATE = "dp", "nonprivate"
 # A samplers: entry naming the variant's configured sampler rather than a list of overrides.
@@ -558,10 +558,6 @@ def _scored(rows_path: Path, variant: str, mode: str, sampler: str, run_dir: Pat
 def is_proxy(row: dict) -> bool:
     """A TAN proxy run: σ set by hand under a budget no real run would use, so its ε means nothing."""
     return (row.get("target_epsilon") or 0) >= PROXY_EPSILON
-
-
-def machine_line() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
 
 
 def _pct(v) -> str:

@@ -7,12 +7,13 @@ measurement takes seconds on a CPU; the first steps are warm-up and not timed.
 """
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import asdict, dataclass
 
 import pytorch_lightning as pl
 import torch
+
+from dpdm.utils.machine import cpu_isa, cpu_model
 
 
 @dataclass(frozen=True)
@@ -32,20 +33,10 @@ class Throughput:
         return asdict(self)
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads, {cpu_model()})"
+    return f"cpu ({torch.get_num_threads()} threads, {cpu_model()}, {cpu_isa()})"
 
 
 def measure_training_throughput(experiment: str, *, examples: int = 4, steps: int = 2, warmup: int = 1,
