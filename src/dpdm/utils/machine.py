@@ -1,8 +1,8 @@
-"""What a timing was measured on: CPU model, the vector ISA PyTorch dispatches to, fast bf16, GPUs.
+"""What a timing was measured on: CPU model, the vector ISA PyTorch dispatches to, bf16 support, GPUs.
 
 Wall times in dpdm's rows come from 2-core machines whose speed differed by up to 3x between sessions for
-the same run (one with avx512_bf16, one an AVX2-only AMD EPYC), and the ISA decides whether bf16-mixed is
-a speed-up or a 9-11x slow-down (docs/performance.md). So every run's summary and every study row says
+the same run, and the ISA decides whether bf16-mixed is a speed-up (a CPU with avx512_bf16) or a 9-11x
+slow-down (an AVX2-only AMD EPYC; docs/performance.md). So every run's summary and every study row says
 what it ran on.
 """
 from __future__ import annotations
