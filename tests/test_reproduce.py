@@ -174,3 +174,17 @@ def test_throughput_is_measured_on_real_dp_steps():
     assert t.noised_images % 2 == 0 and t.noised_images > 0  # Poisson batches of ~8 examples × K = 2
     assert t.images_per_s == pytest.approx(t.noised_images / t.seconds)
     assert t.device.startswith("cpu (") and t.num_params > 0
+
+
+def test_hardware_line_names_the_machine_facts_it_was_given(monkeypatch):
+    # reproduce.json's `hardware` is utils.machine's facts under its own keys (cpu_cores, python): a
+    # results page built from old reproduce.json files keeps reading them.
+    import dpdm.utils.machine as machine
+    from dpdm.experiments.reproduce import describe_hardware, hardware
+
+    facts = {"cpu": "Some CPU", "cpu_isa": "AVX2", "cpu_bf16_flags": [], "cpu_bf16_kernels": False,
+             "cpu_count": 3, "gpus": ["NVIDIA H200"], "torch": "9.9"}
+    monkeypatch.setattr(machine, "machine_facts", lambda: dict(facts))
+    hw = hardware()
+    assert hw["cpu_cores"] == 3 and hw["gpus"] == ["NVIDIA H200"] and "python" in hw
+    assert describe_hardware(hw) == "NVIDIA H200; CPU Some CPU (3 cores, AVX2); torch 9.9"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import shlex
 import warnings
@@ -190,15 +189,12 @@ def format_duration(seconds: float) -> str:
 # ---- hardware, state -----------------------------------------------------------------------------------
 
 def hardware() -> dict[str, Any]:
-    import torch
+    """The machine a reproduction ran on, in reproduce.json: utils.machine's facts under this file's keys."""
+    from dpdm.utils.machine import machine_facts
 
-    from dpdm.utils.machine import cpu_isa, cpu_model
-
-    cpu = cpu_model()
-    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            if torch.cuda.is_available() else [])
-    return {"gpus": gpus, "cpu": cpu, "cpu_isa": cpu_isa(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version()}
+    facts = machine_facts()
+    return {"gpus": facts["gpus"], "cpu": facts["cpu"], "cpu_isa": facts["cpu_isa"], "cpu_cores": facts["cpu_count"],
+            "torch": facts["torch"], "python": platform.python_version()}
 
 
 def describe_hardware(hw: dict) -> str:
