@@ -1,4 +1,5 @@
-"""dpdm-study end to end, shrunk: a variant and its non-private control are trained, sampled, scored."""
+"""dpdm-study end to end, shrunk: a variant and its non-private control are trained, sampled, scored (what it
+then does with a trained variant, in `make test-slow`); the rescoring script and the rows it writes."""
 import json
 import subprocess
 from pathlib import Path
@@ -10,11 +11,12 @@ import yaml
 from tests.helpers import BIN, REPO, SHRINK, cli_env
 
 
-def test_study_trains_samples_and_scores_each_variant_with_its_control(tmp_path):
+def _tiny_study(tmp_path: Path, *, controls: bool):
+    """A one-variant study on the smoke config, run once: (spec, study file, command, env, first run)."""
     spec = {
         "train": [*SHRINK, "callbacks.model_checkpoint.save_top_k=-1",    # every epoch's checkpoint (curve)
                   "sampler.num_steps=2"],                                   # the variants' own sampler: cheap
-        "controls": True,
+        "controls": controls,
         "sample": {"n": 20, "batch_size": 20},
         "samplers": {"ddim2": ["sampler=ddim", "sampler.num_steps=2"], "own": "config"},
         "variants": {"shifted": ["noise_levels.log_sigma_shift=1.0"]},
@@ -29,6 +31,11 @@ def test_study_trains_samples_and_scores_each_variant_with_its_control(tmp_path)
            "--results", str(tmp_path / "results")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return spec, study, cmd, env, proc
+
+
+def test_study_trains_samples_and_scores_each_variant_with_its_control(tmp_path):
+    _, study, cmd, env, proc = _tiny_study(tmp_path, controls=True)
     rows = [json.loads(line) for line in (tmp_path / "results" / "tiny_study.jsonl").read_text().splitlines()]
     assert {(r["variant"], r["mode"], r["sampler"]) for r in rows} == {
         (v, m, s) for v in ["shifted"] for m in ("dp", "nonprivate") for s in ("ddim2", "own")}
@@ -56,6 +63,13 @@ def test_study_trains_samples_and_scores_each_variant_with_its_control(tmp_path)
     assert again.returncode == 0 and "trained already" in again.stdout
     assert "sampled" not in again.stdout and again.stdout.count("scored already") == 2
 
+
+# What a study does with a variant it trained earlier (~2 min on 2 cores; `make test-slow`): sample it again
+# when its configured sampler changes, score it by the downstream protocol, draw its learning curve. The
+# default suite keeps the study's run itself (above) and the seed-0 copy of a protocol row (unit tests below).
+@pytest.mark.slow
+def test_study_resamples_rescores_and_draws_the_learning_curve_of_a_trained_variant(tmp_path):
+    spec, study, cmd, env, _ = _tiny_study(tmp_path, controls=False)
     # The variant's configured sampler changes after training: its samples are drawn and scored again
     # with the new one (the old set is kept aside), the listed sampler's are reused, nothing is retrained.
     spec["train"][-1] = "sampler.num_steps=3"
@@ -506,7 +520,7 @@ def test_rescore_script_rows_name_their_run_so_a_move_carries_them(tmp_path, mon
         (str(run.with_name("dp.old1")), str(run.with_name("dp.old1") / "samples_preset" / "samples.npz"))}
 
 
-def test_rescore_script_copies_the_studys_own_score_as_protocol_seed_0_once(tmp_path, monkeypatch):
+def test_rescore_script_copies_the_studys_own_score_as_protocol_seed_0_once(tmp_path, monkeypatch, capsys):
     """Seed 0 of the four protocol seeds is the study's own downstream score of the run: rescore.sh copies
     it beside the seeds it scores, once, and only from a row scored by the same protocol and the same
     training (not an earlier run in the same dir) and sample set (not one of another size)."""
@@ -540,15 +554,20 @@ def test_rescore_script_copies_the_studys_own_score_as_protocol_seed_0_once(tmp_
     assert (rows[2]["run_dir"], rows[2]["train_wall_s"], rows[2]["samples"]) == (str(run), wall, str(npz))
     assert "already in" in done.stdout
 
-    # A row from before rows recorded their protocol: the study file's evaluation settings stand in.
+    # A row from before rows recorded their protocol: the study file's evaluation settings stand in. (The
+    # script's seed-0 step, called in-process as rescore.sh calls it: each script run costs 4 Python starts.)
+    from dpdm.experiments.protocol_seeds import main as copy_seed_0
+
     (results / "s.jsonl").write_text(json.dumps({**mine, "train_wall_s": wall}) + "\n")
     seeds_file.unlink()
     study_dir = tmp_path / "conf" / "study"
     study_dir.mkdir(parents=True)
     (study_dir / "s.yaml").write_text("variants: {v: []}\nevaluation: {downstream: {val_size: 600}}\n")
-    done = rescore(npz, tmp_path, results, seeds="1 2")
-    assert "val_size 600 against max_epochs 30, patience 5, val_size 2000" in done.stdout, done.stdout
+    protocol_of_rescore = {"val_size": 2000, "max_epochs": 30, "patience": 5}   # what rescore.sh passes
+    args = ["label", str(npz), str(results), str(seeds_file), json.dumps(protocol_of_rescore), "1 2"]
+    assert copy_seed_0(args) == 0 and not seeds_file.exists()
+    assert "val_size 600 against max_epochs 30, patience 5, val_size 2000" in capsys.readouterr().out
     (study_dir / "s.yaml").write_text(
         "variants: {v: []}\nevaluation: {downstream: {val_size: 2000, max_epochs: 30, patience: 5}}\n")
-    done = rescore(npz, tmp_path, results, seeds="1 2")
-    assert [json.loads(r)["protocol_seed"] for r in seeds_file.read_text().splitlines()] == [1, 2, 1, 2, 0]
+    assert copy_seed_0(args) == 0
+    assert [json.loads(r)["protocol_seed"] for r in seeds_file.read_text().splitlines()] == [0]
