@@ -377,6 +377,12 @@ def test_rows_record_the_lr_decay_and_older_rows_read_as_constant():
     assert recipe_differences(constant, decayed) == ["lr_schedule.final_fraction", "lr_schedule.kind"]
     older_row = {k: v for k, v in constant.items() if k != "lr_schedule"}
     assert recipe_differences(older_row, decayed) == []
+    # The full-resolution output conv (off: 0) tells rows apart; rows from before it existed read as off.
+    unpatched = config_recipe(composed_config(("experiment=mnist_eps10_cpu", "+net.unpatch_channels=8")))
+    assert (constant["net"]["unpatch_channels"], unpatched["net"]["unpatch_channels"]) == (0, 8)
+    assert recipe_differences(constant, unpatched) == ["net.unpatch_channels"]
+    older_net = {**constant, "net": {k: v for k, v in constant["net"].items() if k != "unpatch_channels"}}
+    assert recipe_differences(older_net, constant) == []
 
 
 def test_a_run_is_not_moved_aside_onto_a_name_that_rows_give_an_absent_run(tmp_path, monkeypatch):

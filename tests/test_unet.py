@@ -197,7 +197,47 @@ def test_patch_size_runs_the_unet_at_a_coarser_grid_and_keeps_the_image_shape():
     assert torch.equal(y[0, 0, :2, :2], torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("bad", [dict(patch_size=0), dict(patch_size=3), dict(patch_size=4, channel_mult=(1, 2, 2))])
+def test_unpatch_conv_mixes_neighbouring_blocks_at_full_resolution_and_trains_from_zero_init():
+    torch.manual_seed(0)
+    kw = dict(img_resolution=28, model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=())
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    sigma = torch.zeros(2, dtype=torch.float64)
+    plain, mixed = DDPMppUNet(**kw, patch_size=2).double(), DDPMppUNet(**kw, patch_size=2, unpatch_channels=3).double()
+    assert mixed.out_conv.out_channels == 3 * 4 and mixed.unpatch_conv.in_channels == 3
+    # Reference: the same net ends in 3 shuffled channels and a 3x3 conv written out by hand.
+    with torch.no_grad():
+        mixed.out_conv.weight.normal_()
+    y = mixed(x, sigma)
+    h = torch.nn.functional.pixel_shuffle(_last_features(mixed, x, sigma), 2)
+    ref = torch.nn.functional.conv2d(h, mixed.unpatch_conv.weight, mixed.unpatch_conv.bias, padding=1)
+    assert y.shape == x.shape and torch.allclose(y, ref)
+    # Without it a constant per-position bias tiles the image every 2 pixels (the pattern the conv can undo).
+    with torch.no_grad():
+        plain.out_conv.bias.copy_(torch.tensor([1.0, -1.0, -1.0, 1.0]))
+    tiled = plain(x, sigma)[0, 0]
+    assert torch.equal(tiled[4:6, 4:6], tiled[10:12, 10:12]) and tiled[4, 4] != tiled[4, 5]
+    # Zero-init: the untrained net outputs the unpatch conv's bias alone, and one backward reaches both ends.
+    fresh = DDPMppUNet(**kw, patch_size=2, unpatch_channels=3).double()
+    out = fresh(x, sigma)
+    assert torch.allclose(out, fresh.unpatch_conv.bias.view(1, -1, 1, 1).expand_as(out))
+    ((out - x) ** 2).sum().backward()
+    assert fresh.out_conv.weight.grad.abs().max() > 0 and fresh.unpatch_conv.weight.grad.abs().max() == 0
+    assert fresh.unpatch_conv.bias.grad.abs().max() > 0
+
+
+def _last_features(net: DDPMppUNet, x, sigma):
+    """out_conv's output, through a forward hook (the reference above recomputes what follows it)."""
+    seen = {}
+    handle = net.out_conv.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    try:
+        net(x, sigma)
+    finally:
+        handle.remove()
+    return seen["out"]
+
+
+@pytest.mark.parametrize("bad", [dict(patch_size=0), dict(patch_size=3), dict(patch_size=4, channel_mult=(1, 2, 2)),
+                                 dict(unpatch_channels=4), dict(patch_size=2, unpatch_channels=-1)])
 def test_bad_patch_size_is_refused(bad):
     with pytest.raises(ValueError, match="patch_size|divisible"):
         DDPMppUNet(img_resolution=28, **bad)

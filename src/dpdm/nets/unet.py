@@ -45,12 +45,16 @@ class DDPMppUNet(nn.Module):
         max_positions: float = 10_000.0,
         zero_init: bool = True,
         patch_size: int = 1,
+        unpatch_channels: int = 0,
     ) -> None:
         super().__init__()
         if num_classes < 0:
             raise ValueError("num_classes must be >= 0")
         if patch_size < 1 or img_resolution % patch_size:
             raise ValueError(f"patch_size={patch_size} must be >= 1 and divide the resolution {img_resolution}")
+        if unpatch_channels < 0 or (unpatch_channels and patch_size == 1):
+            raise ValueError(f"unpatch_channels={unpatch_channels}: a full-resolution output conv needs "
+                             f"patch_size > 1 (got {patch_size}) and at least one channel; 0 turns it off")
         grid = img_resolution // patch_size  # the resolution the U-Net itself runs at
         if grid % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"resolution {grid} (image {img_resolution} / patch {patch_size}) not divisible "
@@ -84,7 +88,15 @@ class DDPMppUNet(nn.Module):
             model_channels, channel_mult, num_blocks, attn_resolutions, skip_channels, block
         )
         self.out_norm = group_norm(last)
-        self.out_conv = nn.Conv2d(last, out_channels * patch_size**2, kernel_size=3, padding=1)
+        # On patches, out_conv predicts the p² pixels of a block as p² separate channels, so the output
+        # can carry a pattern that repeats every p pixels and that no layer at the coarse grid sees: the
+        # speckle of the patch nets' samples, which the same-cost 28x28 net does not draw (docs/recipes.md).
+        # unpatch_channels c > 0 ends the net at full resolution instead: c channels per pixel, shuffled
+        # to the image grid and mixed by a 3x3 conv there (U-ViT, Bao et al. 2023, ends with such a conv).
+        head = unpatch_channels or out_channels
+        self.out_conv = nn.Conv2d(last, head * patch_size**2, kernel_size=3, padding=1)
+        self.unpatch_conv = (nn.Conv2d(unpatch_channels, out_channels, kernel_size=3, padding=1)
+                             if unpatch_channels else None)
         self.reset_parameters(zero_init=zero_init)
 
     @property
@@ -137,7 +149,9 @@ class DDPMppUNet(nn.Module):
 
         With ``zero_init`` the last conv of every residual branch, every
         attention projection and the output conv start at zero, so each block
-        starts as its skip path and the untrained net outputs zeros.
+        starts as its skip path and the untrained net outputs zeros.  The
+        full-resolution conv after it (``unpatch_channels``) keeps its Xavier
+        weights: two zero layers in a row would pass each other no gradient.
         """
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -188,4 +202,6 @@ class DDPMppUNet(nn.Module):
             else:
                 h = blk(torch.cat([h, skips.pop()], dim=1), emb)
         out = self.out_conv(F.silu(self.out_norm(h)))
-        return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
+        if self.patch_size > 1:
+            out = F.pixel_shuffle(out, self.patch_size)
+        return self.unpatch_conv(out) if self.unpatch_conv is not None else out
