@@ -211,7 +211,7 @@ def test_unpatch_conv_mixes_neighbouring_blocks_at_full_resolution_and_trains_fr
     h = torch.nn.functional.pixel_shuffle(_last_features(mixed, x, sigma), 2)
     ref = torch.nn.functional.conv2d(h, mixed.unpatch_conv.weight, mixed.unpatch_conv.bias, padding=1)
     assert y.shape == x.shape and torch.allclose(y, ref)
-    # Without it a constant per-position bias tiles the image every 2 pixels (the pattern the conv can undo).
+    # Without it a constant per-position bias tiles the image every 2 pixels: nothing at 28x28 sees it.
     with torch.no_grad():
         plain.out_conv.bias.copy_(torch.tensor([1.0, -1.0, -1.0, 1.0]))
     tiled = plain(x, sigma)[0, 0]

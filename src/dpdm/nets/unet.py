@@ -88,11 +88,11 @@ class DDPMppUNet(nn.Module):
             model_channels, channel_mult, num_blocks, attn_resolutions, skip_channels, block
         )
         self.out_norm = group_norm(last)
-        # On patches, out_conv predicts the p² pixels of a block as p² separate channels, so the output
-        # can carry a pattern that repeats every p pixels and that no layer at the coarse grid sees: the
-        # speckle of the patch nets' samples, which the same-cost 28x28 net does not draw (docs/recipes.md).
-        # unpatch_channels c > 0 ends the net at full resolution instead: c channels per pixel, shuffled
-        # to the image grid and mixed by a 3x3 conv there (U-ViT, Bao et al. 2023, ends with such a conv).
+        # On patches, out_conv predicts the p² pixels of a block as p² separate channels, and no layer
+        # sees the image grid. unpatch_channels c > 0 ends the net at full resolution instead: c channels
+        # per pixel, shuffled to the image grid and mixed by a 3x3 conv there (U-ViT, Bao et al. 2023,
+        # ends with such a conv). Measured on MNIST (docs/recipes.md, mnist_fast_proxy): it costs no
+        # time, but it does not remove the speckle of the patch nets' samples; the presets leave it off.
         head = unpatch_channels or out_channels
         self.out_conv = nn.Conv2d(last, head * patch_size**2, kernel_size=3, padding=1)
         self.unpatch_conv = (nn.Conv2d(unpatch_channels, out_channels, kernel_size=3, padding=1)
