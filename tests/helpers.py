@@ -35,12 +35,13 @@ def cli_env(**extra) -> dict:
 
 def tiny_denoiser(*, dtype=torch.float64, seed: int = 0, num_classes: int = 3,
                   resolution: int = 8, attention: bool = True, patch_size: int = 1,
-                  unpatch_channels: int = 0) -> Denoiser:
+                  unpatch_channels: int = 0, full_res_blocks: int = 0) -> Denoiser:
     torch.manual_seed(seed)
     net = DDPMppUNet(img_resolution=resolution, in_channels=1, out_channels=1,
                      num_classes=num_classes, model_channels=8, channel_mult=(1, 2),
                      num_blocks=1, attn_resolutions=(resolution // patch_size // 2,) if attention else (),
-                     dropout=0.0, zero_init=False, patch_size=patch_size, unpatch_channels=unpatch_channels)
+                     dropout=0.0, zero_init=False, patch_size=patch_size, unpatch_channels=unpatch_channels,
+                     full_res_blocks=full_res_blocks)
     return Denoiser(net, EDMPreconditioning()).to(dtype).train()
 
 

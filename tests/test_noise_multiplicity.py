@@ -18,11 +18,15 @@ def _noise_for(tn: TrainingNoise, i: int) -> TrainingNoise:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("K,conditional,patch_size,unpatch", [(1, True, 1, 0), (4, True, 1, 0), (1, False, 1, 0),
-                                                              (4, False, 1, 0), (4, True, 2, 0), (2, True, 2, 3)])
-def test_per_example_grad_equals_bruteforce_of_k_averaged_loss(K, conditional, patch_size, unpatch, engine):
+# head: (unpatch_channels, full_res_blocks), the patch nets' optional full-resolution ending.
+@pytest.mark.parametrize("K,conditional,patch_size,head", [(1, True, 1, (0, 0)), (4, True, 1, (0, 0)),
+                                                           (1, False, 1, (0, 0)), (4, False, 1, (0, 0)),
+                                                           (4, True, 2, (0, 0)), (2, True, 2, (3, 0)),
+                                                           (2, True, 2, (4, 1))])
+def test_per_example_grad_equals_bruteforce_of_k_averaged_loss(K, conditional, patch_size, head, engine):
     B = 5
-    den = tiny_denoiser(num_classes=3 if conditional else 0, patch_size=patch_size, unpatch_channels=unpatch)
+    den = tiny_denoiser(num_classes=3 if conditional else 0, patch_size=patch_size, unpatch_channels=head[0],
+                        full_res_blocks=head[1])
     g = torch.Generator().manual_seed(1)
     x = torch.rand((B, 1, 8, 8), generator=g, dtype=torch.float64) * 2 - 1
     y = torch.randint(0, 3, (B,), generator=g) if conditional else None

@@ -383,6 +383,10 @@ def test_rows_record_the_lr_decay_and_older_rows_read_as_constant():
     assert recipe_differences(constant, unpatched) == ["net.unpatch_channels"]
     older_net = {**constant, "net": {k: v for k, v in constant["net"].items() if k != "unpatch_channels"}}
     assert recipe_differences(older_net, constant) == []
+    refined = config_recipe(composed_config(("experiment=mnist_eps10_cpu", "+net.unpatch_channels=8",
+                                             "+net.full_res_blocks=1")))
+    assert (unpatched["net"]["full_res_blocks"], refined["net"]["full_res_blocks"]) == (0, 1)
+    assert recipe_differences(unpatched, refined) == ["net.full_res_blocks"]
 
 
 def test_a_run_is_not_moved_aside_onto_a_name_that_rows_give_an_absent_run(tmp_path, monkeypatch):

@@ -225,19 +225,60 @@ def test_unpatch_conv_mixes_neighbouring_blocks_at_full_resolution_and_trains_fr
     assert fresh.unpatch_conv.bias.grad.abs().max() > 0
 
 
-def _last_features(net: DDPMppUNet, x, sigma):
+def test_full_res_blocks_run_between_the_shuffle_and_the_unpatch_conv_and_start_as_their_skip_path():
+    torch.manual_seed(0)
+    kw = dict(img_resolution=28, model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(),
+              patch_size=2, unpatch_channels=4, dropout=0.0)
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    sigma = torch.tensor([0.3, -1.0], dtype=torch.float64)
+    labels = torch.tensor([3, 7])
+    net = DDPMppUNet(**kw, full_res_blocks=2).double()
+    assert len(net.full_res) == 2 and all(b.conv0.in_channels == 4 for b in net.full_res)
+    # Fresh (zero-init), every block is its skip path (scaled by 1/sqrt(2), as every DDPM++ block): the
+    # output is the linear ending's on the shuffled features.
+    with torch.no_grad():
+        net.out_conv.weight.normal_()
+    h = torch.nn.functional.pixel_shuffle(_last_features(net, x, sigma, labels), 2)
+    linear = torch.nn.functional.conv2d(h / 2, net.unpatch_conv.weight, net.unpatch_conv.bias, padding=1)
+    y = net(x, sigma, labels)
+    assert torch.allclose(y, linear)
+    # Trained (nonzero residual branches), the output is the blocks applied in turn at 28x28, written out
+    # with each block's own layers and the embedding of the noise level and label.
+    with torch.no_grad():
+        for blk in net.full_res:
+            blk.conv1.weight.normal_(std=0.3)
+    emb = net.embed(sigma, labels, x.dtype)
+    ref = h
+    for blk in net.full_res:
+        r = torch.nn.functional.conv2d(torch.nn.functional.silu(blk.norm0(ref)), blk.conv0.weight, blk.conv0.bias,
+                                       padding=1) + blk.affine(emb)[:, :, None, None]
+        r = torch.nn.functional.conv2d(torch.nn.functional.silu(blk.norm1(r)), blk.conv1.weight, blk.conv1.bias,
+                                       padding=1)
+        ref = (ref + r) / 2**0.5
+    ref = torch.nn.functional.conv2d(ref, net.unpatch_conv.weight, net.unpatch_conv.bias, padding=1)
+    y = net(x, sigma, labels)
+    assert torch.allclose(y, ref) and not torch.allclose(y, linear)
+    # One backward from zero init reaches the blocks' last convs and the patch net's out_conv.
+    fresh = DDPMppUNet(**kw, full_res_blocks=1).double()
+    ((fresh(x, sigma, labels) - x) ** 2).sum().backward()
+    assert fresh.full_res[0].conv1.weight.grad.abs().max() > 0 and fresh.out_conv.weight.grad.abs().max() > 0
+
+
+def _last_features(net: DDPMppUNet, x, sigma, labels=None):
     """out_conv's output, through a forward hook (the reference above recomputes what follows it)."""
     seen = {}
     handle = net.out_conv.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
     try:
-        net(x, sigma)
+        net(x, sigma, labels)
     finally:
         handle.remove()
     return seen["out"]
 
 
 @pytest.mark.parametrize("bad", [dict(patch_size=0), dict(patch_size=3), dict(patch_size=4, channel_mult=(1, 2, 2)),
-                                 dict(unpatch_channels=4), dict(patch_size=2, unpatch_channels=-1)])
+                                 dict(unpatch_channels=4), dict(patch_size=2, unpatch_channels=-1),
+                                 dict(patch_size=2, full_res_blocks=1),
+                                 dict(patch_size=2, unpatch_channels=4, full_res_blocks=-1)])
 def test_bad_patch_size_is_refused(bad):
-    with pytest.raises(ValueError, match="patch_size|divisible"):
+    with pytest.raises(ValueError, match="patch_size|divisible|full_res_blocks"):
         DDPMppUNet(img_resolution=28, **bad)

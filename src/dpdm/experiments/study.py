@@ -440,7 +440,8 @@ def config_recipe(cfg: dict) -> dict:
         "batch_size": int(cfg["data"]["batch_size"]), "K": int(cfg["loss"]["noise_multiplicity"]),
         "lr": cfg["optim"]["lr"],
         "net": {k: net[k] for k in ("model_channels", "channel_mult", "num_blocks", "attn_resolutions") if k in net}
-        | {"patch_size": net.get("patch_size", 1), "unpatch_channels": net.get("unpatch_channels", 0)},
+        | {"patch_size": net.get("patch_size", 1), "unpatch_channels": net.get("unpatch_channels", 0),
+           "full_res_blocks": net.get("full_res_blocks", 0)},
         # Runs before the `noise` group became `noise_levels` store it under "noise"; so do the rows.
         "noise": {k: v for k, v in (cfg.get("noise_levels") or cfg["noise"]).items() if k != "_target_"},
         # Runs from before lr decay existed trained at a constant lr.
