@@ -99,7 +99,9 @@ class DDPMppUNet(nn.Module):
         # time, but it does not remove the speckle of the patch nets' samples; the presets leave it off.
         # full_res_blocks n puts n residual blocks (conditioned on the noise level and label) between the
         # shuffle and that conv: a linear 3x3 filter cannot threshold an isolated pixel away, a GroupNorm +
-        # SiLU block can, for a few MFLOP at c channels.
+        # SiLU block can. Measured (same study, two seeds): one block at c = 16 removes the speckle and lifts
+        # recall from 0.6 to 0.75 for 10-12% more time per DP step, with the downstream CNN within the seed
+        # spread; the presets leave it off until a full-size run says whether it pays there.
         head = unpatch_channels or out_channels
         self.out_conv = nn.Conv2d(last, head * patch_size**2, kernel_size=3, padding=1)
         self.full_res = nn.ModuleList(
