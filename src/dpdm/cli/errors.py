@@ -4,14 +4,20 @@ from __future__ import annotations
 import functools
 import sys
 
+# dpdm's own user errors, by the module that defines them. An exception of one of these classes can only
+# have been raised once its module was imported, so they are looked up in sys.modules, never imported:
+# importing dpdm.training.module (Lightning, torchmetrics) to print "not found" made `dpdm-study run
+# <missing file>` take 11.6 s instead of 4 on a 2-core CPU.
+_DPDM_ERRORS = {"dpdm.data.cache": ("DatasetMissingError", "DatasetCorruptError"),
+                "dpdm.training.module": ("PrivacyBudgetExhausted",)}
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    # Imported lazily: a CLI that fails early should not pay for importing Lightning and Opacus.
-    from dpdm.data import DatasetCorruptError, DatasetMissingError
-    from dpdm.training.module import PrivacyBudgetExhausted
-
-    return (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
-            DatasetMissingError, DatasetCorruptError, PrivacyBudgetExhausted)
+    errors = [ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError]
+    for module_name, names in _DPDM_ERRORS.items():
+        module = sys.modules.get(module_name)
+        errors += [getattr(module, name) for name in names] if module is not None else []
+    return tuple(errors)
 
 
 def _user_error_of(e: BaseException) -> BaseException | None:
