@@ -383,6 +383,7 @@ def test_rows_record_the_lr_decay_and_older_rows_read_as_constant():
     assert recipe_differences(constant, unpatched) == ["net.unpatch_channels"]
     older_net = {**constant, "net": {k: v for k, v in constant["net"].items() if k != "unpatch_channels"}}
     assert recipe_differences(older_net, constant) == []
+    assert recipe_differences(older_net, unpatched) == ["net.unpatch_channels"]  # it ran with the default, 0
     refined = config_recipe(composed_config(("experiment=mnist_eps10_cpu", "+net.unpatch_channels=8",
                                              "+net.full_res_blocks=1")))
     assert (unpatched["net"]["full_res_blocks"], refined["net"]["full_res_blocks"]) == (0, 1)

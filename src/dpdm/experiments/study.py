@@ -432,6 +432,11 @@ def run_facts(run_dir: Path) -> dict:
     }
 
 
+# Net options a config may omit, with DDPMppUNet's defaults: what a run whose config (or a row recorded
+# before the option existed) lacks them was built with.
+_NET_DEFAULTS = {"patch_size": 1, "unpatch_channels": 0, "full_res_blocks": 0}
+
+
 def config_recipe(cfg: dict) -> dict:
     """The recipe a row records (batch, K, lr and its decay, net shape, noise levels, training precision),
     from a train config."""
@@ -440,8 +445,7 @@ def config_recipe(cfg: dict) -> dict:
         "batch_size": int(cfg["data"]["batch_size"]), "K": int(cfg["loss"]["noise_multiplicity"]),
         "lr": cfg["optim"]["lr"],
         "net": {k: net[k] for k in ("model_channels", "channel_mult", "num_blocks", "attn_resolutions") if k in net}
-        | {"patch_size": net.get("patch_size", 1), "unpatch_channels": net.get("unpatch_channels", 0),
-           "full_res_blocks": net.get("full_res_blocks", 0)},
+        | {k: net.get(k, default) for k, default in _NET_DEFAULTS.items()},
         # Runs before the `noise` group became `noise_levels` store it under "noise"; so do the rows.
         "noise": {k: v for k, v in (cfg.get("noise_levels") or cfg["noise"]).items() if k != "_target_"},
         # Runs from before lr decay existed trained at a constant lr.
@@ -461,12 +465,15 @@ def preset_recipe(study: Study, variant: str, mode: str = DP) -> dict:
 
 def recipe_differences(row: dict, recipe: dict) -> list[str]:
     """The recipe fields in which a row differs from `recipe` (only those both record; a dict field, only
-    on the keys both have, so a row from before a field existed is not called different for it)."""
+    on the keys both have, so a row from before a field existed is not called different for it, except the
+    net options that have defaults: a row without one ran with its default)."""
     out = []
     for key, want in recipe.items():
         have = row.get(key)
         if have is None:
             continue
+        if key == "net":  # a row from before a net option existed ran with its default
+            have = _NET_DEFAULTS | have
         if isinstance(want, dict) and isinstance(have, dict):
             out += [f"{key}.{k}" for k in sorted(want.keys() & have.keys()) if want[k] != have[k]]
         elif have != want:
