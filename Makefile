@@ -67,9 +67,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-# pytest exits 5 when it collects no tests; that is not a failure of the suite.
+# pytest exits 5 when it collects no tests; that is not a failure of the suite. One worker per core
+# (pytest-xdist), each test file on one worker: a file's module fixtures (a trained run, a sweep) are built once.
 test: data-mnist data-fashion-mnist-optional lint
-	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -n auto --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-slow: data-mnist
 	$(BIN)/python -m pytest -m slow; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc

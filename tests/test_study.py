@@ -548,34 +548,34 @@ def test_rescore_script_copies_the_studys_own_score_as_protocol_seed_0_once(tmp_
         + json.dumps({**mine, "train_wall_s": wall, "sample_n": 3, "acc_cnn": 0.2, "downstream_protocol": protocol})
         + "\n")
     seeds_file = results / "t_protocol_seeds.jsonl"
+    # The script's seed-0 step, called in-process as rescore.sh calls it (each script run costs 4 Python
+    # starts), around one run of the script itself.
+    from dpdm.experiments.protocol_seeds import main as copy_seed_0
 
-    done = rescore(npz, tmp_path, results)                  # rows of another protocol or sample set: none copied
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "protocol seed 0 not copied" in done.stdout and "max_epochs 80 against max_epochs 30" in done.stdout
-    assert [r["protocol_seed"] for r in map(json.loads, seeds_file.read_text().splitlines())] == [1]
+    protocol_of_rescore = {"val_size": 2000, "max_epochs": 30, "patience": 5}   # what rescore.sh passes
+    args = ["label", str(npz), str(results), str(seeds_file), json.dumps(protocol_of_rescore), "1"]
+    assert copy_seed_0(args) == 0 and not seeds_file.exists()   # rows of another protocol or sample set
+    said = capsys.readouterr().out
+    assert "protocol seed 0 not copied" in said and "max_epochs 80 against max_epochs 30" in said
 
     with (results / "s.jsonl").open("a") as f:               # the study scores it by the protocol
         f.write(json.dumps({**mine, "train_wall_s": wall, "downstream_protocol": protocol}) + "\n")
-    for _ in range(2):                                      # twice: seed 0 is copied once
-        done = rescore(npz, tmp_path, results)
-        assert done.returncode == 0, done.stdout + done.stderr
+    done = rescore(npz, tmp_path, results)
+    assert done.returncode == 0, done.stdout + done.stderr
     rows = [json.loads(line) for line in seeds_file.read_text().splitlines()]
-    assert [r["protocol_seed"] for r in rows] == [1, 1, 0, 1]
-    assert rows[2]["acc_cnn"] == 0.77 and rows[2]["source"] == f"the study's row in {results / 's.jsonl'}"
-    assert (rows[2]["run_dir"], rows[2]["train_wall_s"], rows[2]["samples"]) == (str(run), wall, str(npz))
-    assert "already in" in done.stdout
+    assert [r["protocol_seed"] for r in rows] == [1, 0]
+    assert rows[1]["acc_cnn"] == 0.77 and rows[1]["source"] == f"the study's row in {results / 's.jsonl'}"
+    assert (rows[1]["run_dir"], rows[1]["train_wall_s"], rows[1]["samples"]) == (str(run), wall, str(npz))
+    assert copy_seed_0(args) == 0 and "already in" in capsys.readouterr().out     # copied once
+    assert [json.loads(r)["protocol_seed"] for r in seeds_file.read_text().splitlines()] == [1, 0]
 
-    # A row from before rows recorded their protocol: the study file's evaluation settings stand in. (The
-    # script's seed-0 step, called in-process as rescore.sh calls it: each script run costs 4 Python starts.)
-    from dpdm.experiments.protocol_seeds import main as copy_seed_0
-
+    # A row from before rows recorded their protocol: the study file's evaluation settings stand in.
     (results / "s.jsonl").write_text(json.dumps({**mine, "train_wall_s": wall}) + "\n")
     seeds_file.unlink()
     study_dir = tmp_path / "conf" / "study"
     study_dir.mkdir(parents=True)
     (study_dir / "s.yaml").write_text("variants: {v: []}\nevaluation: {downstream: {val_size: 600}}\n")
-    protocol_of_rescore = {"val_size": 2000, "max_epochs": 30, "patience": 5}   # what rescore.sh passes
-    args = ["label", str(npz), str(results), str(seeds_file), json.dumps(protocol_of_rescore), "1 2"]
+    args[-1] = "1 2"
     assert copy_seed_0(args) == 0 and not seeds_file.exists()
     assert "val_size 600 against max_epochs 30, patience 5, val_size 2000" in capsys.readouterr().out
     (study_dir / "s.yaml").write_text(
