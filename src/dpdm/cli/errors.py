@@ -15,8 +15,8 @@ _DPDM_ERRORS = {"dpdm.data.cache": ("DatasetMissingError", "DatasetCorruptError"
 def _user_errors() -> tuple[type[BaseException], ...]:
     errors = [ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError]
     for module_name, names in _DPDM_ERRORS.items():
-        module = sys.modules.get(module_name)
-        errors += [getattr(module, name) for name in names] if module is not None else []
+        if (module := sys.modules.get(module_name)) is not None:
+            errors += [getattr(module, name) for name in names]
     return tuple(errors)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import json
 import os
 import shlex
@@ -40,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpdm.nets import DDPMppUNet
 from dpdm.utils.files import atomic_path
 from dpdm.utils.jsonio import read_json
 from dpdm.utils.machine import machine_line
@@ -434,7 +436,8 @@ def run_facts(run_dir: Path) -> dict:
 
 # Net options a config may omit, with DDPMppUNet's defaults: what a run whose config (or a row recorded
 # before the option existed) lacks them was built with.
-_NET_DEFAULTS = {"patch_size": 1, "unpatch_channels": 0, "full_res_blocks": 0}
+_NET_DEFAULTS = {k: inspect.signature(DDPMppUNet).parameters[k].default
+                 for k in ("patch_size", "unpatch_channels", "full_res_blocks")}
 
 
 def config_recipe(cfg: dict) -> dict:
