@@ -436,8 +436,8 @@ def run_facts(run_dir: Path) -> dict:
 
 # Net options a config may omit, with DDPMppUNet's defaults: what a run whose config (or a row recorded
 # before the option existed) lacks them was built with.
-_NET_DEFAULTS = {k: inspect.signature(DDPMppUNet).parameters[k].default
-                 for k in ("patch_size", "unpatch_channels", "full_res_blocks")}
+_NET_PARAMETERS = inspect.signature(DDPMppUNet).parameters
+_NET_DEFAULTS = {k: _NET_PARAMETERS[k].default for k in ("patch_size", "unpatch_channels", "full_res_blocks")}
 
 
 def config_recipe(cfg: dict) -> dict:
