@@ -81,6 +81,12 @@ def test_sigkilled_run_resumes_to_the_same_result(full_run, tmp_path):
     assert first["global_step"] > 0
     assert 0 < killed_at["global_step"] < TOTAL_STEPS, "killed too late: the run had finished"
     assert not (run_dir / "summary.json").exists()
+    # A copy of the killed run whose checkpoint lacks the training time (as those written before dpdm kept it).
+    old_dir = tmp_path / "killed_old_checkpoint"
+    (old_dir / "checkpoints").mkdir(parents=True)
+    old_ckpt = _load(ckpt)
+    del old_ckpt["dpdm"]["training_seconds"]
+    torch.save(old_ckpt, old_dir / "checkpoints" / "last.ckpt")
 
     # Resume into the same run dir, with the same overrides.
     proc = _train(f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}")
@@ -93,7 +99,24 @@ def test_sigkilled_run_resumes_to_the_same_result(full_run, tmp_path):
     # Both seeds were fixed for this test: the record says the guarantee does not hold against their holder.
     assert full["known_seeds"] == resumed["known_seeds"] == ["privacy.noise_seed", "data.sampler_seed"]
     assert "does not hold against anyone who knows the seed" in full["warning"]
-    assert json.loads((run_dir / "summary.json").read_text())["optimizer_steps"] == TOTAL_STEPS
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["optimizer_steps"] == TOTAL_STEPS
+    # The run's wall time counts the killed call's training up to its checkpoint as well as the resumed call's.
+    before = killed_at["dpdm"]["training_seconds"]
+    assert before > 0
+    assert summary["resumed"] == {"at_step": killed_at["global_step"], "training_s_before": before,
+                                  "wall_time_s_this_call": summary["resumed"]["wall_time_s_this_call"]}
+    assert summary["wall_time_s"] == pytest.approx(summary["resumed"]["wall_time_s_this_call"] + before, abs=0.06)
+    full_summary = json.loads((full_run / "summary.json").read_text())
+    assert "resumed" not in full_summary
+    assert 0 < _load(full_run / "checkpoints/last.ckpt")["dpdm"]["training_seconds"] <= full_summary["wall_time_s"]
+    # Resumed from a checkpoint without it, the earlier time is unknown: the summary says so and counts this call.
+    proc = _train(f"ckpt_path={old_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={old_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "does not record its training time" in proc.stdout + proc.stderr
+    old_summary = json.loads((old_dir / "summary.json").read_text())
+    assert old_summary["resumed"]["training_s_before"] is None
+    assert old_summary["wall_time_s"] == old_summary["resumed"]["wall_time_s_this_call"]
 
     a, b = _load(full_run / "checkpoints/last.ckpt"), _load(ckpt)
     assert a["global_step"] == b["global_step"] == TOTAL_STEPS

@@ -277,6 +277,21 @@ def test_training_precision_is_part_of_the_recipe(tmp_path):
     assert "precision" not in recipe_differences(row, preset_recipe(study, "bf16"))
 
 
+def test_a_resumed_runs_row_says_which_calls_its_wall_time_covers(tmp_path):
+    """A run resumed from a checkpoint (dpdm-train's summary.json `resumed` block) is scored with its whole
+    wall time and the record of its parts; a run trained in one call has no such record."""
+    from dpdm.experiments.study import run_facts
+
+    run = tmp_path / "run"
+    _trained_run(run, ["experiment=fmnist_eps10_cpu"], wall=1.0)
+    assert "train_resumed" not in run_facts(run)
+    resumed = {"at_step": 290, "wall_time_s_this_call": 1500.0, "training_s_before": None}
+    (run / "summary.json").write_text(json.dumps({"optimizer_steps": 500, "wall_time_s": 1500.0,
+                                                  "resumed": resumed}))
+    row = run_facts(run)
+    assert row["train_wall_s"] == 1500.0 and row["train_resumed"] == resumed
+
+
 def test_variants_whose_controls_compose_the_same_recipe_share_one_control_run(tmp_path, monkeypatch):
     """privacy=none erases the only difference between an ε = 10 and an ε = 1 preset: their non-private
     controls are one training run, trained once; their DP runs stay separate."""

@@ -66,15 +66,23 @@ def run_training(cfg: DictConfig) -> dict:
     from dpdm.utils.jsonio import write_json_atomic
     from dpdm.utils.machine import machine_facts
 
+    this_call = round(time.time() - t0, 1)
     summary = {
         "privacy": privacy_report(module),
-        "wall_time_s": round(time.time() - t0, 1),
+        "wall_time_s": run_wall_time(this_call, module.resumed_at_step, module.training_seconds_before),
         "epochs_completed": trainer.current_epoch,
         "optimizer_steps": int(trainer.global_step),
         "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
         "sample_grids": sorted(str(p) for p in (out / "samples").glob("*.png")),
         "machine": machine_facts(),  # what wall_time_s was measured on
     }
+    if module.resumed_at_step is not None:
+        summary["resumed"] = {"at_step": module.resumed_at_step, "wall_time_s_this_call": this_call,
+                              "training_s_before": module.training_seconds_before}
+        if module.training_seconds_before is None:
+            log.warning("resumed from a checkpoint that does not record its training time (written before dpdm "
+                        "kept it): wall_time_s counts only the %d steps of this call",
+                        summary["optimizer_steps"] - module.resumed_at_step)
     if module.log_nonprivate:  # opt-in, labelled: computed from the private data without noise
         summary["nonprivate"] = {"train_loss_last": _last_metric(trainer, "nonprivate/train_loss")}
     if trainer.is_global_zero:  # trainer=ddp: every rank returns here; one writes the run's files
@@ -84,6 +92,14 @@ def run_training(cfg: DictConfig) -> dict:
     log.info("done in %.0fs: %d steps, ε=%s; run dir %s", summary["wall_time_s"],
              summary["optimizer_steps"], "n/a" if eps is None else f"{eps:.4f}", out)
     return summary
+
+
+def run_wall_time(this_call: float, resumed_at_step: int | None, seconds_before: float | None) -> float:
+    """A run's training wall time: this call's, plus, for a resumed run, the earlier calls' up to the
+    checkpoint it resumed from (unknown for checkpoints written before dpdm recorded it: this call's only)."""
+    if resumed_at_step is None or seconds_before is None:
+        return this_call
+    return round(this_call + seconds_before, 1)
 
 
 # Start-up lines a user cannot act on. The EMA copy is in eval mode on purpose (it is never trained, and

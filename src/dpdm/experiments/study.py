@@ -427,11 +427,14 @@ def run_facts(run_dir: Path) -> dict:
     summary = read_json(run_dir / "summary.json") or {}
     recipe = config_recipe(_load_yaml(run_dir / "config.yaml"))
     steps = int(summary.get("optimizer_steps") or 0)
-    return {
+    facts = {
         "epsilon": privacy.get("epsilon"), "target_epsilon": privacy.get("target_epsilon"),
         "delta": privacy.get("delta"), "sigma": privacy.get("noise_multiplier"), **recipe, "steps": steps,
         "noised_images": steps * recipe["batch_size"] * recipe["K"], "train_wall_s": summary.get("wall_time_s"),
     }
+    if "resumed" in summary:  # which part of train_wall_s each call measured (docs/usage.md: Resume)
+        facts["train_resumed"] = summary["resumed"]
+    return facts
 
 
 # Net options a config may omit, with DDPMppUNet's defaults: what a run whose config (or a row recorded

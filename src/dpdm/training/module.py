@@ -98,6 +98,12 @@ class DPDiffusionModule(pl.LightningModule):
         self._restored: dict | None = None
         self._diffusion_gen: torch.Generator | None = None
         self.build_config: dict | None = None  # net/denoiser/data config, for rebuilding from a ckpt
+        # The training time of the steps this module holds, carried across resumes so that a resumed run
+        # reports the whole run's time. A killed call's steps after its last checkpoint are redone on
+        # resume, so their time is not counted. None: resumed from a checkpoint that did not record it.
+        self.training_seconds_before: float | None = 0.0
+        self.resumed_at_step: int | None = None
+        self._clock_start: float | None = None
 
     # ---- optimizer, privacy engine ---------------------------------------------------------------
     def configure_optimizers(self):
@@ -146,6 +152,18 @@ class DPDiffusionModule(pl.LightningModule):
     def on_train_start(self):
         if self.plan.enabled and self.steps_taken >= self.plan.max_steps:
             raise budget_exhausted(self.plan, self.steps_taken, self.epsilon_spent())
+        self._clock_start = time.monotonic()
+        if self._restored is not None:
+            self.resumed_at_step = self.steps_taken
+            self.training_seconds_before = self._restored.get("training_seconds")
+
+    def training_seconds(self) -> float | None:
+        """Seconds of training behind the steps taken so far, this call's and (after a resume) the earlier
+        calls' up to the checkpoint it resumed from; None when that checkpoint did not record them."""
+        if self.training_seconds_before is None:
+            return None
+        return self.training_seconds_before + (0.0 if self._clock_start is None
+                                               else time.monotonic() - self._clock_start)
 
     # ---- one DP-SGD step per logical batch ---------------------------------------------------------
     def _diffusion_generator(self) -> torch.Generator:
@@ -278,6 +296,8 @@ class DPDiffusionModule(pl.LightningModule):
                 state["noise_rng"] = self.dp.noise_generator.get_state()
         if self._diffusion_gen is not None:
             state["diffusion_rng"] = self._diffusion_gen.get_state()
+        if (seconds := self.training_seconds()) is not None:
+            state["training_seconds"] = seconds
         checkpoint["dpdm"] = state
 
     def on_load_checkpoint(self, checkpoint):
