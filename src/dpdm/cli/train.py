@@ -54,13 +54,17 @@ def run_training(cfg: DictConfig) -> dict:
 
     configure_wandb(cfg)  # offline unless WANDB_MODE is set; one run per sweep job, grouped by sweep
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    if cfg.ckpt_path is not None:
+        for kept in keep_earlier_csv_metrics(loggers):
+            log.info("kept the earlier calls' metrics as %s", kept)
     log_run_config(loggers, cfg, plan)
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
         from pytorch_lightning.callbacks import ProgressBar
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     t0 = time.time()
     with quiet_start_up():
-        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                              **stop_at_planned_steps(plan, cfg.trainer))
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
     from dpdm.training.callbacks import privacy_report
     from dpdm.utils.jsonio import write_json_atomic
@@ -92,6 +96,40 @@ def run_training(cfg: DictConfig) -> dict:
     log.info("done in %.0fs: %d steps, ε=%s; run dir %s", summary["wall_time_s"],
              summary["optimizer_steps"], "n/a" if eps is None else f"{eps:.4f}", out)
     return summary
+
+
+def stop_at_planned_steps(plan, trainer_cfg) -> dict:
+    """Trainer arguments that end a DP run with `trainer.max_steps` set at the steps its σ was calibrated for.
+
+    An uninterrupted run stops there anyway: every Poisson epoch has int(1/q) steps, and the plan is
+    min(max_epochs x int(1/q), max_steps). A resumed one need not: Lightning 2.6 resumed a fmnist_eps10_cpu run
+    (max_epochs 9, max_steps 500) from its checkpoint at the end of epoch 5 (step 348) by replaying epoch 5
+    with one step, then ran epochs 6 and 7 and stopped at 465 steps. Without max_epochs it ends as planned.
+    A run that stops by epochs (max_steps unset) resumes exactly, and a non-private run keeps the config's
+    limits (its shuffled epochs have ceil(N/B) steps, not int(1/q)).
+    """
+    if not plan.enabled or (trainer_cfg.get("max_steps") or -1) < 1:
+        return {}
+    return {"max_epochs": -1, "max_steps": plan.planned_steps}
+
+
+def keep_earlier_csv_metrics(loggers) -> list[Path]:
+    """Lightning's CSVLogger deletes the metrics.csv it finds when it starts, which in a resumed run is the
+    earlier calls' record: move it aside first (metrics.before_resume<i>.csv, the first free i)."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    kept = []
+    for logger in loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        metrics = Path(logger.log_dir) / "metrics.csv"
+        if metrics.is_file():
+            i = 1
+            while (target := metrics.with_name(f"metrics.before_resume{i}.csv")).exists():
+                i += 1
+            metrics.rename(target)
+            kept.append(target)
+    return kept
 
 
 def run_wall_time(this_call: float, resumed_at_step: int | None, seconds_before: float | None) -> float:
