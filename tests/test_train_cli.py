@@ -315,4 +315,5 @@ def test_a_smoke_run_writes_what_it_wrote_before_the_redesign(tmp_path):
     summary_keys = set(json.loads((tmp_path / "summary.json").read_text()))
     assert summary_keys - set(golden["summary_keys"]) == {"machine"} and set(golden["summary_keys"]) <= summary_keys
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert set(ckpt["dpdm"]) == {"accountant", "build_config", "diffusion_rng", "plan"}
+    # Later the training time, so that a resumed run reports the whole run's (as summary.json's wall time).
+    assert set(ckpt["dpdm"]) == {"accountant", "build_config", "diffusion_rng", "plan", "training_seconds"}
