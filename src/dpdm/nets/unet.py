@@ -102,8 +102,8 @@ class DDPMppUNet(nn.Module):
         # SiLU block can. Measured (same study, two seeds): one block at c = 16 removes the speckle and lifts
         # recall from 0.6 to 0.75 for 10-12% more time per DP step, with the downstream CNN within the seed
         # spread. At ε = 1 (mnist_eps1_levers) it raises recall too but costs the CNN ~2 points. On the
-        # Fashion-MNIST proxy (fmnist_fullres) it improves every diagnostic with the CNN level or better;
-        # the presets leave it off until a full-size run says it pays.
+        # Fashion-MNIST proxy (fmnist_fullres) it improves every diagnostic with the CNN level or better,
+        # but at full size (fmnist_fullres_full) it cost the CNN 1.2-2.1 points: the presets leave it off.
         head = unpatch_channels or out_channels
         self.out_conv = nn.Conv2d(last, head * patch_size**2, kernel_size=3, padding=1)
         self.full_res = nn.ModuleList(
