@@ -491,7 +491,7 @@ def test_rescoring_rows_beside_the_studys_follow_the_run_and_its_samples_when_it
     assert json.loads(rows.read_text())["run_dir"] == str(run.with_name("dp.old1"))
 
 
-def rescore(npz: Path, tmp_path: Path, results: Path, seeds: str = "1") -> subprocess.CompletedProcess:
+def rescore(npz: Path, tmp_path: Path, results: Path, seeds: str = "1", **env: str) -> subprocess.CompletedProcess:
     """scripts/study/rescore.sh with dpdm-evaluate faked through its BIN override: every CNN scores 0.5,
     precision 0.8, recall 0.1."""
     import sys
@@ -507,7 +507,7 @@ def rescore(npz: Path, tmp_path: Path, results: Path, seeds: str = "1") -> subpr
     (fake_bin / "dpdm-evaluate").chmod(0o755)
     return subprocess.run(["bash", str(REPO / "scripts" / "study" / "rescore.sh"), "label", str(npz)],
                           env={**cli_env(), "BIN": str(fake_bin), "ROWS_DIR": str(results), "PREFIX": "t",
-                               "SEEDS": seeds}, capture_output=True, text=True)
+                               "SEEDS": seeds, **env}, capture_output=True, text=True)
 
 
 def sampled_run(tmp_path: Path, monkeypatch) -> tuple:
@@ -544,6 +544,20 @@ def test_rescore_script_rows_name_their_run_so_a_move_carries_them(tmp_path, mon
              for line in (results / f).read_text().splitlines()]
     assert {(r["run_dir"], r["samples"]) for r in moved} == {
         (str(run.with_name("dp.old1")), str(run.with_name("dp.old1") / "samples_preset" / "samples.npz"))}
+
+
+def test_rescore_script_scores_seeds_alone_when_told_precision_recall_is_there(tmp_path, monkeypatch):
+    """PR=0: a run whose precision / recall was scored earlier (SEEDS="") gets its protocol seeds without a
+    second precision / recall row; by default both are appended."""
+    _, run, npz, results = sampled_run(tmp_path, monkeypatch)
+    done = rescore(npz, tmp_path, results, seeds="", PR="1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = rescore(npz, tmp_path, results, seeds="1 2", PR="0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    pr = (results / "t_precision_recall.jsonl").read_text().splitlines()
+    seeds = [json.loads(line)["protocol_seed"]
+             for line in (results / "t_protocol_seeds.jsonl").read_text().splitlines()]
+    assert len(pr) == 1 and seeds == [1, 2]
 
 
 def test_rescore_script_copies_the_studys_own_score_as_protocol_seed_0_once(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,8 @@
 #   - improved precision / recall against the real test set → <prefix>_precision_recall.jsonl
 #
 #   bash scripts/study/rescore.sh "<recipe label>" <run>/samples_preset/samples.npz
-#   (SEEDS="1 2 3" by default; PREFIX=fmnist by default, e.g. PREFIX=mnist_eps1 for an MNIST ε = 1 run)
+#   (SEEDS="1 2 3" by default; PREFIX=fmnist by default, e.g. PREFIX=mnist_eps1 for an MNIST ε = 1 run;
+#    PR=0 skips precision / recall, for samples whose row is already there: SEEDS="" scored it earlier)
 #
 # Each score is a plain dpdm-evaluate call (its command is in the row); about 1.5 min each on 2 cores.
 set -euo pipefail
@@ -55,6 +56,7 @@ if [ -n "$seeds" ]; then
   "$bin/python" -m dpdm.experiments.protocol_seeds "$label" "$npz" "$rows" "$rows/${prefix}_protocol_seeds.jsonl" \
     "{\"val_size\": $val_size, \"max_epochs\": $max_epochs, \"patience\": $patience}" "$seeds"
 fi
+[ "${PR:-1}" = 0 ] && exit 0
 o="evaluation.metrics=[precision_recall] evaluation.reference_splits=[test]"
 # shellcheck disable=SC2086
 "$bin/dpdm-evaluate" "$npz" $o out="$tmp/pr" > "$tmp/pr.log" 2>&1 || { tail "$tmp/pr.log"; exit 1; }
