@@ -63,21 +63,27 @@ def _wait_for_first_checkpoint(proc, ckpt, timeout=300):
     raise AssertionError("no checkpoint appeared")
 
 
-def test_sigkilled_run_resumes_to_the_same_result(full_run, tmp_path):
-    run_dir = tmp_path / "killed"
+def _killed_at_first_checkpoint(args, run_dir):
+    """Start dpdm-train with `args` into `run_dir` and SIGKILL it once its first checkpoint is written:
+    (that checkpoint, the last one the killed run left)."""
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([str(BIN / "dpdm-train"), *SHRINK, f"hydra.run.dir={run_dir}"], cwd=REPO,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([str(BIN / "dpdm-train"), *args, f"hydra.run.dir={run_dir}"], cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         first = _wait_for_first_checkpoint(proc, ckpt)
-        assert proc.poll() is None
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    killed_at = _load(ckpt)  # the last checkpoint the killed run left (epoch end)
+    return first, _load(ckpt)
+
+
+def test_sigkilled_run_resumes_to_the_same_result(full_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    first, killed_at = _killed_at_first_checkpoint(SHRINK, run_dir)
     assert first["global_step"] > 0
     assert 0 < killed_at["global_step"] < TOTAL_STEPS, "killed too late: the run had finished"
     assert not (run_dir / "summary.json").exists()
@@ -147,22 +153,6 @@ def test_sigkilled_run_resumes_to_the_same_result(full_run, tmp_path):
             assert torch.equal(torch.as_tensor(sa[i][name]), torch.as_tensor(sb[i][name])), (i, name)
 
 
-def _killed_at_first_checkpoint(args, run_dir):
-    """Start dpdm-train with `args` into `run_dir`, SIGKILL it once its first checkpoint is written; that
-    checkpoint."""
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([str(BIN / "dpdm-train"), *args, f"hydra.run.dir={run_dir}"], cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_first_checkpoint(proc, ckpt)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return _load(ckpt)
-
-
 def test_a_run_resumed_at_an_epoch_end_ends_at_its_planned_steps(tmp_path):
     """fmnist_eps10_cpu's shape: max_steps inside the last epoch (500 of 9 x 58) and a checkpoint every second
     epoch. Lightning 2.6 resumes such a checkpoint by replaying its epoch with one step and then ran one epoch
@@ -174,7 +164,7 @@ def test_a_run_resumed_at_an_epoch_end_ends_at_its_planned_steps(tmp_path):
     proc = subprocess.run([str(BIN / "dpdm-train"), *args, f"hydra.run.dir={full}"], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    killed_at = _killed_at_first_checkpoint(args, resumed)
+    _, killed_at = _killed_at_first_checkpoint(args, resumed)
     assert killed_at["global_step"] == 8  # the end of epoch 1, the first epoch a checkpoint is written at
     proc = subprocess.run([str(BIN / "dpdm-train"), *args, f"hydra.run.dir={resumed}",
                            f"ckpt_path={resumed / 'checkpoints' / 'last.ckpt'}"], cwd=REPO, env=_env(),
