@@ -104,7 +104,9 @@ def stop_at_planned_steps(plan, trainer_cfg) -> dict:
     An uninterrupted run stops there anyway: every Poisson epoch has int(1/q) steps, and the plan is
     min(max_epochs x int(1/q), max_steps). A resumed one need not: Lightning 2.6 resumed a fmnist_eps10_cpu run
     (max_epochs 9, max_steps 500) from its checkpoint at the end of epoch 5 (step 348) by replaying epoch 5
-    with one step, then ran epochs 6 and 7 and stopped at 465 steps. Without max_epochs it ends as planned.
+    with one step, then ran epochs 6 and 7 and stopped at 465 steps (its fit loop counts any run with
+    max_steps as restarting, so an epoch-end checkpoint's epoch runs again). Without max_epochs it ends as
+    planned.
     A run that stops by epochs (max_steps unset) resumes exactly, and a non-private run keeps the config's
     limits (its shuffled epochs have ceil(N/B) steps, not int(1/q)).
     """
