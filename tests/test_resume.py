@@ -2,6 +2,7 @@
 uninterrupted run ends (same steps, ε, accountant history, RNG states and weights), and resumes that would
 change the mechanism or exceed the budget are refused without touching the earlier run's files.
 """
+import copy
 import json
 import os
 import signal
@@ -90,7 +91,7 @@ def test_sigkilled_run_resumes_to_the_same_result(full_run, tmp_path):
     # A copy of the killed run whose checkpoint lacks the training time (as those written before dpdm kept it).
     old_dir = tmp_path / "killed_old_checkpoint"
     (old_dir / "checkpoints").mkdir(parents=True)
-    old_ckpt = _load(ckpt)
+    old_ckpt = copy.deepcopy(killed_at)  # the helper loaded it; killed_at itself is read again below
     del old_ckpt["dpdm"]["training_seconds"]
     torch.save(old_ckpt, old_dir / "checkpoints" / "last.ckpt")
     # The killed call's CSV log (written at epoch ends, so maybe not yet when the kill came: then a stand-in).

@@ -550,7 +550,7 @@ def test_rescore_script_scores_seeds_alone_when_told_precision_recall_is_there(t
     """PR=0: a run whose precision / recall was scored earlier (SEEDS="") gets its protocol seeds without a
     second precision / recall row; by default both are appended."""
     _, run, npz, results = sampled_run(tmp_path, monkeypatch)
-    done = rescore(npz, tmp_path, results, seeds="", PR="1")
+    done = rescore(npz, tmp_path, results, seeds="")  # PR unset: the default scores precision / recall
     assert done.returncode == 0, done.stdout + done.stderr
     done = rescore(npz, tmp_path, results, seeds="1 2", PR="0")
     assert done.returncode == 0, done.stdout + done.stderr
