@@ -188,3 +188,46 @@ def test_hardware_line_names_the_machine_facts_it_was_given(monkeypatch):
     hw = hardware()
     assert hw["cpu_cores"] == 3 and hw["gpus"] == ["NVIDIA H200"] and "python" in hw
     assert describe_hardware(hw) == "NVIDIA H200; CPU Some CPU (3 cores, AVX2); torch 9.9"
+
+
+# ---- what a time-boxed GPU check (scripts/gpu/checks.sh) relies on -------------------------------------
+
+def test_overrides_go_last_on_train_and_evaluate_commands(tmp_path):
+    from dpdm.experiments.reproduce import stages
+
+    plan = {st.name: st for st in stages(RECIPES["mnist-fast"].runs[0], tmp_path, acc_samples=12000,
+                                         train_overrides=("++trainer.max_time=00:00:05:00",),
+                                         eval_overrides=("evaluation.downstream.val_size=2000",))}
+    assert plan["train"].argv[-1] == "++trainer.max_time=00:00:05:00"
+    assert plan["eval_acc"].argv[-1] == "evaluation.downstream.val_size=2000"  # last: it wins over defaults
+    assert "n=12000" in plan["sample_acc"].argv
+    assert "max_time" not in plan["sample_acc"].command and "val_size" not in plan["train"].command
+    # Without overrides the commands are the recipe's own, so finished stages of an earlier run still match.
+    plain = {st.name: st for st in stages(RECIPES["mnist-fast"].runs[0], tmp_path)}
+    assert plain["train"].argv == plan["train"].argv[:-1]
+
+
+def _fast_row(steps: int, wall: float | None = 600.0, downstream: dict | None = None) -> dict:
+    privacy = {"enabled": True, "steps": steps, "planned_steps": 580, "expected_batch_size": 2048,
+               "noise_multiplicity": 2, "epsilon": 7.5}
+    stages = {name: {"rc": 0} for name in ("train", "sample_acc", "eval_acc")}
+    acc = {"metrics": {}, "details": {"downstream": downstream}} if downstream else None
+    return {"spec": RECIPES["mnist-fast"].runs[0], "state": {"stages": stages}, "privacy": privacy,
+            "summary": {"wall_time_s": wall}, "acc": acc}
+
+
+def test_a_run_stopped_before_its_planned_steps_says_so():
+    from dpdm.experiments.reproduce import status_of
+
+    assert status_of(_fast_row(580)) == "done"
+    assert status_of(_fast_row(290)) == "done; stopped at step 290 of 580"
+
+
+def test_training_rate_and_protocol_cells():
+    from dpdm.experiments.reproduce import protocol_of, training_rate
+
+    assert training_rate(_fast_row(300, wall=600.0)) == pytest.approx(300 * 2048 * 2 / 600)
+    assert training_rate(_fast_row(300, wall=None)) is None
+    row = _fast_row(580, downstream={"num_train": 10000, "num_held_out": 2000, "settings": {"max_epochs": 30}})
+    assert protocol_of(row["acc"]) == "10,000 + 2,000 held out, ≤ 30 epochs"
+    assert protocol_of(None) == ""

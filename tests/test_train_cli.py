@@ -258,6 +258,32 @@ def test_last_checkpoint_holds_the_final_step_when_max_steps_ends_in_an_epoch_th
     assert last["global_step"] == summary["optimizer_steps"] == privacy["steps"] == 10
 
 
+def test_a_wall_clock_limit_stops_the_run_and_epsilon_covers_the_steps_that_ran(tmp_path):
+    # scripts/gpu/checks.sh time-boxes the GPU preset with Lightning's max_time (whole seconds). 200 planned
+    # steps with a sample grid every epoch take far longer than the 1 s limit on any machine; Lightning checks
+    # the clock after each step, so at least one runs. σ stays calibrated for all 200; ε is spent for those run.
+    run_dir = tmp_path / "boxed"
+    proc = _run([str(BIN / "dpdm-train"), *SHRINK, "trainer.max_epochs=50", "++trainer.max_time=00:00:00:01",
+                 f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    p = json.loads((run_dir / "privacy.json").read_text())
+    assert 1 <= p["steps"] < p["planned_steps"] == 200
+    eps = mechanism_epsilon(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"], steps=p["steps"],
+                            delta=p["delta"])
+    assert p["epsilon"] == pytest.approx(eps, rel=1e-9) and eps < p["target_epsilon"]
+    last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # what dpdm-sample then draws from
+    assert last["global_step"] == json.loads((run_dir / "summary.json").read_text())["optimizer_steps"] == p["steps"]
+
+
+def test_a_run_stopped_before_its_first_step_names_no_checkpoint(tmp_path):
+    run_dir = tmp_path / "zero"
+    proc = _run([str(BIN / "dpdm-train"), *SHRINK, "++trainer.max_time=00:00:00:00", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 0 and summary["privacy"]["epsilon"] == 0
+    assert summary["last_checkpoint"] is None and not (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
 def test_sample_cli_uses_the_training_runs_sampler_with_the_keys_the_command_line_sets(smoke_run, tmp_path):
     ckpt = f"ckpt={smoke_run / 'checkpoints/last.ckpt'}"
 

@@ -167,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-examples", type=int, default=4)
     parser.add_argument("--acc-samples", type=int, default=None, help="default 70000 (60000 + 10000 held out)")
     parser.add_argument("--fid-samples", type=int, default=None, help="default 60000")
+    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Hydra override for dpdm-train (repeatable), e.g. ++trainer.max_time=00:00:05:00 "
+                             "stops training at that wall-clock time (ε: the accountant's for the steps that ran)")
+    parser.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Hydra override for dpdm-evaluate (repeatable), e.g. "
+                             "evaluation.downstream.val_size=2000 with --acc-samples 12000")
     args = parser.parse_args(argv)
 
     if args.recipe == "cpu":
@@ -191,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results or (runs_root / Path(recipe.results).name if args.shrink else recipe.results))
     eval_cache = runs_root / "eval_cache" if args.shrink else None
     sizes = {k: v for k, v in (("acc_samples", args.acc_samples), ("fid_samples", args.fid_samples)) if v}
-    plan = [st for r in runs for st in stages(r, runs_root, shrink=args.shrink, eval_cache=eval_cache, **sizes)]
+    plan = [st for r in runs for st in stages(r, runs_root, shrink=args.shrink, eval_cache=eval_cache, **sizes,
+                                              train_overrides=tuple(args.train_override),
+                                              eval_overrides=tuple(args.eval_override))]
     data_dir = os.environ.get("DPDM_DATA_DIR")
 
     if args.report_only or args.dry_run:

@@ -76,7 +76,8 @@ def run_training(cfg: DictConfig) -> dict:
         "wall_time_s": run_wall_time(this_call, module.resumed_at_step, module.training_seconds_before),
         "epochs_completed": trainer.current_epoch,
         "optimizer_steps": int(trainer.global_step),
-        "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
+        # None when no step ran (e.g. trainer.max_time reached before the first): nothing was saved
+        "last_checkpoint": str(last) if (last := out / "checkpoints" / "last.ckpt").is_file() else None,
         "sample_grids": sorted(str(p) for p in (out / "samples").glob("*.png")),
         "machine": machine_facts(),  # what wall_time_s was measured on
     }

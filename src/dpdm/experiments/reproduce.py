@@ -102,12 +102,16 @@ def run_dir(runs_root: Path, run: RunSpec) -> Path:
 
 
 def stages(run: RunSpec, runs_root: Path, *, shrink: bool = False, eval_cache: Path | None = None,
-           acc_samples: int = ACC_SAMPLES, fid_samples: int = FID_SAMPLES) -> list[Stage]:
+           acc_samples: int = ACC_SAMPLES, fid_samples: int = FID_SAMPLES,
+           train_overrides: tuple[str, ...] = (), eval_overrides: tuple[str, ...] = ()) -> list[Stage]:
+    """The run's commands. `train_overrides` / `eval_overrides` go last on dpdm-train / dpdm-evaluate's command
+    lines (so they win), and into the recorded commands the results page prints."""
     d = run_dir(runs_root, run)
     ckpt = d / "checkpoints" / "last.ckpt"
-    train_extra = SHRINK_TRAIN if shrink else []
+    train_extra = [*(SHRINK_TRAIN if shrink else []), *train_overrides]
     sample_extra = SHRINK_SAMPLE if shrink else []
-    eval_extra = (SHRINK_EVAL if shrink else []) + ([f"evaluation.cache_dir={eval_cache}"] if eval_cache else [])
+    eval_extra = [*(SHRINK_EVAL if shrink else []), *([f"evaluation.cache_dir={eval_cache}"] if eval_cache else []),
+                  *eval_overrides]
     n_acc = SHRINK_ACC_SAMPLES if shrink else acc_samples
     n_fid = SHRINK_FID_SAMPLES if shrink else fid_samples
     acc_metrics = ACC_METRICS if run.fid_stage else ("fid", *ACC_METRICS)
@@ -251,7 +255,30 @@ def status_of(r: dict) -> str:
         return "not run" if not r["state"] else "training unfinished"
     done = [s for s, rec in r["state"].get("stages", {}).items() if rec.get("rc") == 0]
     wanted = 5 if r["spec"].fid_stage else 3
-    return "done" if len(done) >= wanted else f"{len(done)}/{wanted} stages"
+    status = "done" if len(done) >= wanted else f"{len(done)}/{wanted} stages"
+    p = r["privacy"] or {}
+    if p.get("enabled") and p.get("steps", 0) < p.get("planned_steps", 0):
+        # e.g. a time-boxed run (++trainer.max_time): its ε is the accountant's for the steps that ran
+        status += f"; stopped at step {p['steps']} of {p['planned_steps']}"
+    return status
+
+
+def training_rate(r: dict) -> float | None:
+    """Noised images per second of training: steps × expected B × K over the run's wall time (Poisson batches
+    vary around B, so this is the planned work per second)."""
+    p, wall = r["privacy"] or {}, (r["summary"] or {}).get("wall_time_s")
+    if not (p.get("enabled") and wall):
+        return None
+    return p["steps"] * p["expected_batch_size"] * p["noise_multiplicity"] / wall
+
+
+def protocol_of(acc: dict | None) -> str:
+    """The downstream protocol an eval.json ran: synthetic training / held-out counts and the epoch cap."""
+    d = ((acc or {}).get("details") or {}).get("downstream")
+    if not d:
+        return ""
+    return (f"{d['num_train']:,} + {d['num_held_out']:,} held out, "
+            f"≤ {d.get('settings', {}).get('max_epochs', '?')} epochs")
 
 
 def _results_table(rows: list[dict], dataset: str) -> list[str]:
@@ -358,21 +385,29 @@ def render_results(recipe: Recipe, runs_root: Path, *, shrink: bool = False, thr
                   "`experiment=mnist_eps10_fast`: the paper's network at ε = 10 with B = 2048, K = 2, 20 epochs "
                   "(580 DP-SGD steps, 2.4M noised images), chosen for ≤ 6 minutes of training on one H200 so that "
                   "train → sample → evaluate fits a 10-minute GPU job (`make reproduce-mnist-fast`). CNN only; "
-                  "FID (if the Inception weights are there) on the same DDIM-50 samples.", ""]
+                  "FID (if the Inception weights are there) on the same DDIM-50 samples. `scripts/gpu/checks.sh` "
+                  "runs it inside one 15-minute device lease: training stops at a wall-clock limit (the status "
+                  "then names the step; ε is the accountant's for the steps that ran) and the CNN trains on 10,000 "
+                  "samples and selects on 2,000 more (the CPU presets' protocol): \"CNN trained on\" says "
+                  "which protocol scored a row.", ""]
         if all(r["summary"] is None for r in fast):
             lines += ["**Not measured on GPU**: this preset has not been run on an H200 yet; its settings come "
                       "from reasoning over the paper's ablations and DESIGN.md's throughput figures, and its "
                       "noise-level shift (+1.2) from the CPU studies' trend with compute, extrapolated "
                       "(docs/experiments.md).", ""]
-        lines += ["| run | status | ε spent | CNN | paper CNN (full recipe) | FID | training wall time |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| run | status | ε spent | CNN | CNN trained on | paper CNN (full recipe) | FID | "
+                  "training wall time | noised images/s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in fast:
             eps = (r["privacy"] or {}).get("epsilon")
             wall = (r["summary"] or {}).get("wall_time_s")
+            rate = training_rate(r)
             lines.append(f"| `{r['spec'].experiment}` | {status_of(r)} | {'' if eps is None else f'{eps:.4g}'} | "
                          f"{_pct(r['acc'], 'eval/acc_cnn') or ('not run' if r['acc'] is None else '–')} | "
+                         f"{protocol_of(r['acc'])} | "
                          f"{_paper(headline(recipe.dataset, r['spec'].epsilon) or {}, 'cnn')} | "
-                         f"{fid_cell(r['fid'])} | {'' if wall is None else format_duration(wall)} |")
+                         f"{fid_cell(r['fid'])} | {'' if wall is None else format_duration(wall)} | "
+                         f"{'' if rate is None else f'{rate:,.0f}'} |")
         lines.append("")
     lines += ["## Offline diagnostics (not in the paper)", "",
               "fd_classifier: Fréchet distance in a real-data CNN's features (not FID; docs/evaluation.md). "
