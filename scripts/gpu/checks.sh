@@ -61,7 +61,7 @@ bench() {  # BENCH_ARGS: the network and device (default the paper preset); BENC
     read -r prec variants <<< "$spec"
     echo "== bench $prec ($(left) s of the budget left)" | tee -a "$OUT/env_bench.txt"
     # shellcheck disable=SC2086  # $rounds and $BENCH_ARGS are word lists
-    timeout 150 $PY benchmarks/train_step.py --precision "$prec" --variants "$variants" $rounds \
+    timeout 120 $PY benchmarks/train_step.py --precision "$prec" --variants "$variants" $rounds \
       ${BENCH_ARGS:---preset paper} --out "$OUT/train_step.json" 2>&1 | grep -v Warning | tee -a "$OUT/env_bench.txt"
   done
 }
