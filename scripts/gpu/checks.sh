@@ -78,9 +78,9 @@ fast() {  # $@: extra dpdm-reproduce arguments (smoke: --shrink --allow-cpu)
     --eval-override evaluation.downstream.val_size=2000 --eval-override evaluation.downstream.max_epochs=30 \
     --eval-override evaluation.downstream.patience=5 "$@" 2>&1 | tail -n 200 | tee -a "$OUT/fast.txt"
   local rc=${PIPESTATUS[0]}
-  # Render the page from whatever finished (a stage cut off by `timeout` leaves no page of its own).
-  $PY -m dpdm.cli.reproduce mnist-fast --runs-dir "$OUT/runs" --results "$OUT/mnist_fast.md" --report-only "$@" \
-    >/dev/null 2>&1
+  # dpdm-reproduce writes the page as it ends; one cut off by `timeout` did not: render what finished.
+  [ "$rc" -eq 0 ] || $PY -m dpdm.cli.reproduce mnist-fast --runs-dir "$OUT/runs" --results "$OUT/mnist_fast.md" \
+    --report-only "$@" >/dev/null 2>&1
   local run="$OUT/runs/mnist_eps10_fast"
   if [ -d "$run" ]; then
     (cd "$run" && tar czf "$OUT/fast_run.tar.gz" --ignore-failed-read privacy.json summary.json reproduce.json \
