@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                      # CPU: tiny U-Net, 32 examples x K=4 (~1 min)
     python benchmarks/train_step.py --preset paper       # paper network, 128 x K=32 (GPU)
     python benchmarks/train_step.py --variants nonprivate,dpdm,dpdm_unfold,dpdm_opacus_hooks,opacus
+    python benchmarks/train_step.py --net ddpmpp_tiny_p2 --channels 24 --batch 1024 --k 1   # a narrower net
 
 Every variant trains the same network (same init) on the same batch with the same loss (EDM, K noise
 levels per example, Adam). Variants:
@@ -55,9 +56,12 @@ ENGINE_OF = {"dpdm": "fold", "dpdm_unfold": "fold_unfold", "dpdm_opacus_hooks": 
 SIGMA, C = 1.0, 1.0
 
 
-def build(net_name: str, device, seed: int = 0) -> Denoiser:
+def build(net_name: str, device, seed: int = 0, channels: int | None = None) -> Denoiser:
     torch.manual_seed(seed)
-    net = instantiate(OmegaConf.load(REPO / "conf" / "net" / f"{net_name}.yaml"))
+    cfg = OmegaConf.load(REPO / "conf" / "net" / f"{net_name}.yaml")
+    if channels:  # as `net.model_channels=...` on the dpdm-train command line
+        cfg.model_channels = channels
+    net = instantiate(cfg)
     return Denoiser(net, EDMPreconditioning()).to(device).train()
 
 
@@ -173,7 +177,7 @@ def worker_peak_memory(args) -> None:
     """Child process: one variant, warm-up + one step; prints peak RSS growth in bytes."""
     device = torch.device("cpu")
     torch.set_num_threads(args.threads) if args.threads else None
-    den = build(args.net, device)
+    den = build(args.net, device, channels=args.channels)
     step = make_step(args.worker, den, B=args.batch, K=args.k, device=device, precision=args.precision)
     step()  # warm-up: allocator pools, Adam state, lazily built buffers
     before = _proc_status_bytes("VmRSS")
@@ -189,7 +193,7 @@ def measure(args) -> tuple[dict, dict]:
         torch.set_num_threads(args.threads)
     steps = {}
     for v in args.variants:
-        den = build(args.net, device)  # same init for every variant
+        den = build(args.net, device, channels=args.channels)  # same init for every variant
         steps[v] = make_step(v, den, B=args.batch, K=args.k, device=device, precision=args.precision)
         timed_steps(steps[v], args.warmup, device)
     times = {v: [] for v in args.variants}
@@ -207,6 +211,7 @@ def measure(args) -> tuple[dict, dict]:
     if device.type == "cpu" and not args.no_memory:
         for v in args.variants:
             cmd = [sys.executable, __file__, "--worker", v, "--net", args.net, "--batch", str(args.batch),
+                   "--channels", str(args.channels or 0),
                    "--k", str(args.k), "--threads", str(args.threads or 0), "--precision", args.precision]
             # Peak-RSS growth of one step is only visible with glibc's defaults (freed memory returned
             # to the OS); with the tuning, memory retained from the warm-up step hides it.
@@ -242,7 +247,8 @@ def print_table(rows: dict, args) -> None:
     if str(args.device).startswith("cpu"):
         facts = machine_facts()
         where += f" ({', '.join([facts['cpu'], facts['cpu_isa'], *facts['cpu_bf16_flags']])})"
-    print(f"\n{args.net}, {args.batch} examples x K={args.k} = {n_img} noised images/step, "
+    width = f" at model_channels {args.channels}" if args.channels else ""
+    print(f"\n{args.net}{width}, {args.batch} examples x K={args.k} = {n_img} noised images/step, "
           f"{where}, {args.precision}, {torch.get_num_threads()} threads, "
           f"malloc {'tuned' if args.malloc_tuned else 'default'}")
     print(f"{'variant':<19}{'img/s':>10}{'step s':>9}{'vs non-private':>16}{'vs opacus':>11}"
@@ -276,6 +282,8 @@ def main(argv=None) -> None:
                     help="cpu (default without a GPU) or paper (default with one)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--net", default=None, help="a conf/net/ name")
+    ap.add_argument("--channels", type=int, default=0,
+                    help="the net's model_channels (0 = the conf/net/ file's), e.g. 24 for a narrower net")
     ap.add_argument("--batch", type=int, default=None, help="examples per step (B)")
     ap.add_argument("--k", type=int, default=None, help="noise multiplicity K")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per variant per round")
@@ -317,7 +325,7 @@ def main(argv=None) -> None:
     if args.profile:
         profile_steps(steps, args.profile, torch.device(args.device))
     record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "preset": preset,
-              "settings": {k: getattr(args, k) for k in ("device", "net", "batch", "k", "steps", "warmup",
+              "settings": {k: getattr(args, k) for k in ("device", "net", "channels", "batch", "k", "steps", "warmup",
                                                           "rounds", "threads", "precision",
                                                           "malloc_tuned")},
               "torch_threads": torch.get_num_threads(), "machine": machine(), "results": rows,

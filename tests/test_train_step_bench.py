@@ -38,3 +38,22 @@ def test_bench_refuses_unknown_variant(tmp_path):
                           "nonprivate,vmap", "--out", str(tmp_path / "x.json")],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "unknown variant" in res.stderr
+
+
+def test_bench_channels_builds_the_net_dpdm_train_composes_with_that_width():
+    import importlib.util
+
+    from hydra.utils import instantiate
+
+    from tests.helpers import compose_config
+
+    spec = importlib.util.spec_from_file_location("train_step_bench", REPO / "benchmarks" / "train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = compose_config("train", ["experiment=mnist_eps1_cpu", "net.model_channels=24"])
+    trained = instantiate(cfg.net)
+    benched = bench.build("ddpmpp_tiny_p2", "cpu", channels=24).net
+    shapes = lambda net: [tuple(p.shape) for p in net.parameters()]
+    assert shapes(benched) == shapes(trained)
+    assert sum(p.numel() for p in benched.parameters()) == 405_700
+    assert shapes(bench.build("ddpmpp_tiny_p2", "cpu").net) != shapes(trained)  # 0: the file's width (32)
