@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import logging.config
@@ -26,6 +27,14 @@ BIN = Path(sys.executable).parent   # the venv's console scripts
 SHRINK = ["experiment=smoke", "data.subset_size=400", "data.batch_size=100", "trainer.max_epochs=2",
           "max_physical_batch_size=64", "callbacks.sample_grid.per_class=2",
           "callbacks.sample_grid.num_steps=3"]
+
+
+def load_script(relative_path: str, name: str):
+    """Import a script that is not part of the package (benchmarks/, scripts/) as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cli_env(**extra) -> dict:

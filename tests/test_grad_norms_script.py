@@ -1,19 +1,14 @@
 """scripts/study/grad_norms.py: the per-example gradient norms it reports are those of per-example
 autograd (one backward per example, K-averaged loss), the independent reference."""
-import importlib.util
-
 import torch
 
 from dpdm.diffusion.loss import denoising_loss_per_example, draw_training_noise
 from dpdm.diffusion.noise_levels import LogNormalSigma
-from tests.helpers import REPO, tiny_denoiser
+from tests.helpers import load_script, tiny_denoiser
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("grad_norms", REPO / "scripts" / "study" / "grad_norms.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/study/grad_norms.py", "grad_norms")
 
 
 def test_per_example_norms_match_one_backward_per_example(monkeypatch):

@@ -41,15 +41,11 @@ def test_bench_refuses_unknown_variant(tmp_path):
 
 
 def test_bench_channels_builds_the_net_dpdm_train_composes_with_that_width():
-    import importlib.util
-
     from hydra.utils import instantiate
 
-    from tests.helpers import compose_config
+    from tests.helpers import compose_config, load_script
 
-    spec = importlib.util.spec_from_file_location("train_step_bench", REPO / "benchmarks" / "train_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/train_step.py", "train_step_bench")
     cfg = compose_config("train", ["experiment=mnist_eps1_cpu", "net.model_channels=24"])
     trained = instantiate(cfg.net)
     benched = bench.build("ddpmpp_tiny_p2", "cpu", channels=24).net
