@@ -1,10 +1,14 @@
-"""The training progress bar shows noised images/s, ε spent so far (from the accountant) and the run's ETA."""
+"""The training progress bar shows noised images/s, ε spent so far (from the accountant) and the run's ETA; without
+a bar, ProgressLog writes the same to the log."""
+import logging
+import re
+
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from dpdm.training.callbacks import DPProgressBar, _hms
+from dpdm.training.callbacks import DPProgressBar, ProgressLog, _hms
 from dpdm.training.module import DPDiffusionModule
 from dpdm.training.privacy_plan import PrivacyPlan
 from tests.helpers import tiny_denoiser
@@ -50,3 +54,52 @@ def test_bar_shows_images_per_second_epsilon_and_eta():
 
 def test_hms():
     assert _hms(0) == "0:00:00" and _hms(3725.4) == "1:02:05"
+
+
+def _fit_tiny(callbacks, *, enable_progress_bar: bool):
+    den = tiny_denoiser(num_classes=3)
+    plan = PrivacyPlan(enabled=True, target_epsilon=10.0, delta=1e-5, noise_multiplier=1.0,
+                       max_grad_norm=1.0, sample_rate=0.2, expected_batch_size=2, steps_per_epoch=5,
+                       planned_steps=10, max_steps=10, noise_multiplicity=2, accountant="rdp",
+                       dataset_size=10)
+    module = DPDiffusionModule(net=den.net, plan=plan, preconditioning=den.precond)
+    trainer = pl.Trainer(max_epochs=2, precision="64-true", accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                         enable_progress_bar=enable_progress_bar, callbacks=callbacks)
+    x = torch.rand((10, 1, 8, 8), dtype=torch.float64)
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, torch.zeros(10, dtype=torch.long)),
+                                                     batch_size=2))
+    return module
+
+
+def test_progress_log_writes_step_epsilon_rate_and_eta_when_there_is_no_bar(caplog):
+    from opacus.accountants import RDPAccountant
+
+    log = ProgressLog(every_s=1e-9)  # a line at every step
+    with caplog.at_level(logging.INFO, logger="dpdm.train"):
+        _fit_tiny([log], enable_progress_bar=False)
+    assert len(log.lines) == 10 and [r.getMessage() for r in caplog.records
+                                     if r.name == "dpdm.train"] == log.lines
+    assert log.lines[0].startswith("step 1/10 (10%), ε ") and "noised images/s" not in log.lines[0]
+    last = log.lines[-1]
+    assert last.startswith("step 10/10 (100%), ε ") and last.endswith("ETA 0:00:00")
+    # ε is the RDP accountant's for the 10 steps of q = 0.2 and σ = 1 (an accountant built here)
+    reference = RDPAccountant()
+    reference.history = [(1.0, 0.2, 10)]
+    shown, target = last.split("ε ")[1].split(",")[0].split("/")
+    assert float(shown) == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-2) and target == "10"
+    assert re.search(r", (\d+) noised images/s, ", last)
+
+
+def test_progress_log_keeps_quiet_beside_a_bar_and_spaces_its_lines():
+    quiet = ProgressLog(every_s=1e-9)
+    _fit_tiny([quiet, DPProgressBar(epsilon_every_s=0)], enable_progress_bar=True)
+    assert quiet.lines == []
+    spaced = ProgressLog(every_s=3600)  # only the last step's line inside an hour
+    _fit_tiny([spaced], enable_progress_bar=False)
+    assert [line.split(",")[0] for line in spaced.lines] == ["step 10/10 (100%)"]
+
+
+def test_progress_log_refuses_a_period_that_is_not_positive():
+    with pytest.raises(ValueError, match="every_s must be > 0"):
+        ProgressLog(every_s=0)

@@ -244,6 +244,19 @@ def test_trainer_max_steps_stops_the_run_and_the_accountant_plans_for_it(tmp_pat
     assert abs(p["epsilon"] - eps) < 1e-9 and 0.98 * p["target_epsilon"] < eps <= p["target_epsilon"]
 
 
+def test_a_run_without_a_bar_logs_its_progress_to_train_log(tmp_path):
+    """dpdm-study trains without a progress bar: the run's log then gets the step, ε and ETA lines."""
+    proc = _run([str(BIN / "dpdm-train"), *SHRINK, "trainer.max_steps=3", "+trainer.enable_progress_bar=false",
+                 f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in (tmp_path / "train.log").read_text().splitlines() if "] - step " in line]
+    assert lines, (tmp_path / "train.log").read_text()[-2000:]
+    last = lines[-1].split("] - ")[1]
+    assert last.startswith("step 3/3 (100%), ε ") and "noised images/s, ETA 0:00:00" in last
+    p = json.loads((tmp_path / "privacy.json").read_text())
+    assert last.split("ε ")[1].split(",")[0] == f"{p['epsilon']:.3g}/{p['target_epsilon']:g}"
+
+
 def test_last_checkpoint_holds_the_final_step_when_max_steps_ends_in_an_epoch_that_is_not_saved(tmp_path):
     # q = 1/4: 4 steps per epoch. Checkpoints every second epoch save step 8; step 10 ends inside the third
     # epoch (index 2), which every_n_epochs skips. Stock Lightning 2.6 leaves last.ckpt at step 8 here.

@@ -1,7 +1,8 @@
 """Lightning callbacks: privacy ledger (privacy.json, ε per epoch), the final checkpoint, sample grids, the DP
-progress bar."""
+progress bar, and progress lines in the log for runs without a bar."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -113,6 +114,34 @@ class SampleGrid(pl.Callback):
                 logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
 
 
+class StepClock:
+    """Durations of the recent training steps, for a run's ETA and rate. The gap across an epoch end
+    (checkpoints, sample grids) is not a step: `new_epoch()` drops it."""
+
+    def __init__(self, window: int = 50):
+        self._times: deque[float] = deque(maxlen=window)
+        self._last: float | None = None
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self._times.append(now - self._last)
+        self._last = now
+
+    def new_epoch(self) -> None:
+        self._last = None
+
+    @property
+    def mean_step_s(self) -> float | None:
+        return sum(self._times) / len(self._times) if self._times else None
+
+
+def run_total_steps(trainer, plan) -> float:
+    """The steps this run will take: the trainer's, capped at the plan's budget under DP (inf if unbounded)."""
+    total = trainer.estimated_stepping_batches
+    return min(total, plan.max_steps) if plan.enabled else total
+
+
 class DPProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar plus what a DP run needs at a glance: noised images/s, ε spent so far and
     the ETA of the whole run (not just the epoch), from the mean duration of the recent steps."""
@@ -122,20 +151,16 @@ class DPProgressBar(TQDMProgressBar):
         # One RDP ε evaluation takes ~0.1 s on a CPU: on a time budget, not per step, so fast GPU steps
         # do not pay for the bar.
         self.eps_every_s = epsilon_every_s
-        self._step_times: deque[float] = deque(maxlen=window)
-        self._last: float | None = None
+        self._clock = StepClock(window)
         self._eps: tuple[float, float] | None = None  # (time, ε), recomputed every eps_every_s
         self.eta_s: float | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        now = time.perf_counter()
-        if self._last is not None:
-            self._step_times.append(now - self._last)
-        self._last = now
+        self._clock.tick()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._last = None  # the gap across epoch ends (checkpoints, sample grids) is not a step
+        self._clock.new_epoch()
         super().on_train_epoch_start(trainer, pl_module)
 
     def get_metrics(self, trainer, pl_module):
@@ -154,13 +179,60 @@ class DPProgressBar(TQDMProgressBar):
             k = getattr(pl_module, "examples_per_person", 1)
             if k > 1:
                 metrics[f"ε/person(k={k})"] = f"{group_privacy(self._eps[1], plan.delta, k)[0]:.3g}"
-        total = trainer.estimated_stepping_batches
-        if plan.enabled:
-            total = min(total, plan.max_steps)
-        if self._step_times and math.isfinite(total):
-            self.eta_s = max(total - steps, 0) * sum(self._step_times) / len(self._step_times)
+        total = run_total_steps(trainer, plan)
+        step_s = self._clock.mean_step_s
+        if step_s is not None and math.isfinite(total):
+            self.eta_s = max(total - steps, 0) * step_s
             metrics["ETA"] = _hms(self.eta_s)
         return metrics
+
+
+class ProgressLog(pl.Callback):
+    """One log line every `every_s` seconds and at the last step — step, ε spent, noised images/s, ETA — for
+    runs without a progress bar (`trainer.enable_progress_bar=false`, as `dpdm-study` trains), whose log
+    would otherwise be silent for the hour a CPU preset trains. The rate uses the plan's expected batch,
+    like the bar: nothing here depends on the sampled batch sizes. With a bar it stays quiet (`always`
+    makes it log anyway)."""
+
+    def __init__(self, every_s: float = 60.0, always: bool = False, window: int = 50):
+        if not every_s > 0:
+            raise ValueError(f"callbacks.progress_log.every_s must be > 0 seconds, got {every_s}")
+        self.every_s, self.always = float(every_s), always
+        self._clock = StepClock(window)
+        self._next_at: float | None = None
+        self.lines: list[str] = []  # what it logged, for tests
+
+    def on_train_start(self, trainer, pl_module):
+        self._next_at = time.monotonic() + self.every_s
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._clock.new_epoch()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._clock.tick()
+        plan = getattr(pl_module, "plan", None)
+        if plan is None or not trainer.is_global_zero:
+            return
+        if trainer.progress_bar_callback is not None and not self.always:
+            return
+        now = time.monotonic()
+        steps, total = pl_module.steps_taken, run_total_steps(trainer, plan)
+        if now < (self._next_at or 0.0) and steps < total:
+            return
+        self._next_at = now + self.every_s
+        self.lines.append(progress_line(steps, total, plan, pl_module, self._clock.mean_step_s))
+        logging.getLogger("dpdm.train").info(self.lines[-1])
+
+
+def progress_line(steps: int, total: float, plan, pl_module, step_s: float | None) -> str:
+    parts = [f"step {steps}/{total:.0f} ({100 * steps / total:.0f}%)" if math.isfinite(total) else f"step {steps}"]
+    if plan.enabled:
+        parts.append(f"ε {pl_module.epsilon_spent():.3g}/{plan.target_epsilon:g}")
+    if step_s:
+        parts.append(f"{plan.expected_batch_size * plan.noise_multiplicity / step_s:.0f} noised images/s")
+        if math.isfinite(total):
+            parts.append(f"ETA {_hms(max(total - steps, 0) * step_s)}")
+    return ", ".join(parts)
 
 
 def _hms(seconds: float) -> str:
