@@ -75,12 +75,14 @@ def _fit_tiny(callbacks, *, enable_progress_bar: bool):
 def test_progress_log_writes_step_epsilon_rate_and_eta_when_there_is_no_bar(caplog):
     from opacus.accountants import RDPAccountant
 
-    log = ProgressLog(every_s=1e-9)  # a line at every step
+    log = ProgressLog(every_s=1e-9, min_steps=4)  # a line at every step; a rate from 4 step durations on
     with caplog.at_level(logging.INFO, logger="dpdm.train"):
         _fit_tiny([log], enable_progress_bar=False)
     assert len(log.lines) == 10 and [r.getMessage() for r in caplog.records
                                      if r.name == "dpdm.train"] == log.lines
-    assert log.lines[0].startswith("step 1/10 (10%), ε ") and "noised images/s" not in log.lines[0]
+    assert log.lines[0].startswith("step 1/10 (10%), ε ")
+    # step k's line has k - 1 durations behind it: no rate or ETA rests on fewer than min_steps of them
+    assert ["noised images/s" in line and "ETA" in line for line in log.lines] == [False] * 4 + [True] * 6
     last = log.lines[-1]
     assert last.startswith("step 10/10 (100%), ε ") and last.endswith("ETA 0:00:00")
     # ε is the RDP accountant's for the 10 steps of q = 0.2 and σ = 1 (an accountant built here)
@@ -100,6 +102,10 @@ def test_progress_log_keeps_quiet_beside_a_bar_and_spaces_its_lines():
     assert [line.split(",")[0] for line in spaced.lines] == ["step 10/10 (100%)"]
 
 
-def test_progress_log_refuses_a_period_that_is_not_positive():
+def test_progress_log_refuses_a_period_that_is_not_positive_and_a_minimum_outside_its_window():
     with pytest.raises(ValueError, match="every_s must be > 0"):
         ProgressLog(every_s=0)
+    with pytest.raises(ValueError, match="min_steps must be in"):
+        ProgressLog(min_steps=0)
+    with pytest.raises(ValueError, match="min_steps must be in"):
+        ProgressLog(window=5, min_steps=6)

@@ -251,10 +251,9 @@ def test_a_run_without_a_bar_logs_its_progress_to_train_log(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in (tmp_path / "train.log").read_text().splitlines() if "] - step " in line]
     assert lines, (tmp_path / "train.log").read_text()[-2000:]
-    last = lines[-1].split("] - ")[1]
-    assert last.startswith("step 3/3 (100%), ε ") and "noised images/s, ETA 0:00:00" in last
     p = json.loads((tmp_path / "privacy.json").read_text())
-    assert last.split("ε ")[1].split(",")[0] == f"{p['epsilon']:.3g}/{p['target_epsilon']:g}"
+    # 3 steps leave 2 step durations, under the 10 a rate needs: no figure rests on one Poisson batch's size
+    assert lines[-1].split("] - ")[1] == f"step 3/3 (100%), ε {p['epsilon']:.3g}/{p['target_epsilon']:g}"
 
 
 def test_last_checkpoint_holds_the_final_step_when_max_steps_ends_in_an_epoch_that_is_not_saved(tmp_path):

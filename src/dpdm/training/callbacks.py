@@ -132,6 +132,10 @@ class StepClock:
         self._last = None
 
     @property
+    def steps(self) -> int:
+        return len(self._times)
+
+    @property
     def mean_step_s(self) -> float | None:
         return sum(self._times) / len(self._times) if self._times else None
 
@@ -190,14 +194,18 @@ class DPProgressBar(TQDMProgressBar):
 class ProgressLog(pl.Callback):
     """One log line every `every_s` seconds and at the last step — step, ε spent, noised images/s, ETA — for
     runs without a progress bar (`trainer.enable_progress_bar=false`, as `dpdm-study` trains), whose log
-    would otherwise be silent for the hour a CPU preset trains. The rate uses the plan's expected batch,
-    like the bar: nothing here depends on the sampled batch sizes. With a bar it stays quiet (`always`
-    makes it log anyway)."""
+    would otherwise be silent for the hour a CPU preset trains. With a bar it stays quiet (`always` makes
+    it log anyway).
+    The log outlives the run, so what it shows must not depend on one Poisson batch: the rate counts the
+    plan's expected batch, and the rate and ETA appear only once `min_steps` step durations average into
+    them (a step's duration grows with its sampled batch size), as the per-epoch rate in the metrics does."""
 
-    def __init__(self, every_s: float = 60.0, always: bool = False, window: int = 50):
+    def __init__(self, every_s: float = 60.0, always: bool = False, window: int = 50, min_steps: int = 10):
         if not every_s > 0:
             raise ValueError(f"callbacks.progress_log.every_s must be > 0 seconds, got {every_s}")
-        self.every_s, self.always = float(every_s), always
+        if not 1 <= min_steps <= window:
+            raise ValueError(f"callbacks.progress_log.min_steps must be in [1, window={window}], got {min_steps}")
+        self.every_s, self.always, self.min_steps = float(every_s), always, min_steps
         self._clock = StepClock(window)
         self._next_at: float | None = None
         self.lines: list[str] = []  # what it logged, for tests
@@ -220,7 +228,8 @@ class ProgressLog(pl.Callback):
         if now < (self._next_at or 0.0) and steps < total:
             return
         self._next_at = now + self.every_s
-        self.lines.append(progress_line(steps, total, plan, pl_module, self._clock.mean_step_s))
+        step_s = self._clock.mean_step_s if self._clock.steps >= self.min_steps else None
+        self.lines.append(progress_line(steps, total, plan, pl_module, step_s))
         logging.getLogger("dpdm.train").info(self.lines[-1])
 
 
