@@ -23,21 +23,26 @@ class Snapshot(pl.Callback):
         self.seen.append((pl_module.steps_taken, metrics, self.bar.eta_s))
 
 
-def test_bar_shows_images_per_second_epsilon_and_eta():
+def _fit_tiny(callbacks, *, enable_progress_bar: bool):
     den = tiny_denoiser(num_classes=3)
     plan = PrivacyPlan(enabled=True, target_epsilon=10.0, delta=1e-5, noise_multiplier=1.0,
                        max_grad_norm=1.0, sample_rate=0.2, expected_batch_size=2, steps_per_epoch=5,
                        planned_steps=10, max_steps=10, noise_multiplicity=2, accountant="rdp",
                        dataset_size=10)
     module = DPDiffusionModule(net=den.net, plan=plan, preconditioning=den.precond)
-    bar = DPProgressBar(epsilon_every_s=0)
-    snap = Snapshot(bar)
     trainer = pl.Trainer(max_epochs=2, precision="64-true", accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[bar, snap])
+                         enable_progress_bar=enable_progress_bar, callbacks=callbacks)
     x = torch.rand((10, 1, 8, 8), dtype=torch.float64)
     trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, torch.zeros(10, dtype=torch.long)),
                                                      batch_size=2))
+    return module
+
+
+def test_bar_shows_images_per_second_epsilon_and_eta():
+    bar = DPProgressBar(epsilon_every_s=0)
+    snap = Snapshot(bar)
+    module = _fit_tiny([bar, snap], enable_progress_bar=True)
     steps, last, eta_end = snap.seen[-1]
     assert steps == 10
     assert "img/s" in last
@@ -56,34 +61,18 @@ def test_hms():
     assert _hms(0) == "0:00:00" and _hms(3725.4) == "1:02:05"
 
 
-def _fit_tiny(callbacks, *, enable_progress_bar: bool):
-    den = tiny_denoiser(num_classes=3)
-    plan = PrivacyPlan(enabled=True, target_epsilon=10.0, delta=1e-5, noise_multiplier=1.0,
-                       max_grad_norm=1.0, sample_rate=0.2, expected_batch_size=2, steps_per_epoch=5,
-                       planned_steps=10, max_steps=10, noise_multiplicity=2, accountant="rdp",
-                       dataset_size=10)
-    module = DPDiffusionModule(net=den.net, plan=plan, preconditioning=den.precond)
-    trainer = pl.Trainer(max_epochs=2, precision="64-true", accelerator="cpu", logger=False,
-                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                         enable_progress_bar=enable_progress_bar, callbacks=callbacks)
-    x = torch.rand((10, 1, 8, 8), dtype=torch.float64)
-    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, torch.zeros(10, dtype=torch.long)),
-                                                     batch_size=2))
-    return module
-
-
 def test_progress_log_writes_step_epsilon_rate_and_eta_when_there_is_no_bar(caplog):
     from opacus.accountants import RDPAccountant
 
-    log = ProgressLog(every_s=1e-9, min_steps=4)  # a line at every step; a rate from 4 step durations on
     with caplog.at_level(logging.INFO, logger="dpdm.train"):
-        _fit_tiny([log], enable_progress_bar=False)
-    assert len(log.lines) == 10 and [r.getMessage() for r in caplog.records
-                                     if r.name == "dpdm.train"] == log.lines
-    assert log.lines[0].startswith("step 1/10 (10%), ε ")
+        # a line at every step; a rate from 4 step durations on
+        _fit_tiny([ProgressLog(every_s=1e-9, min_steps=4)], enable_progress_bar=False)
+    lines = _logged(caplog)
+    assert len(lines) == 10
+    assert lines[0].startswith("step 1/10 (10%), ε ")
     # step k's line has k - 1 durations behind it: no rate or ETA rests on fewer than min_steps of them
-    assert ["noised images/s" in line and "ETA" in line for line in log.lines] == [False] * 4 + [True] * 6
-    last = log.lines[-1]
+    assert ["noised images/s" in line and "ETA" in line for line in lines] == [False] * 4 + [True] * 6
+    last = lines[-1]
     assert last.startswith("step 10/10 (100%), ε ") and last.endswith("ETA 0:00:00")
     # ε is the RDP accountant's for the 10 steps of q = 0.2 and σ = 1 (an accountant built here)
     reference = RDPAccountant()
@@ -93,13 +82,17 @@ def test_progress_log_writes_step_epsilon_rate_and_eta_when_there_is_no_bar(capl
     assert re.search(r", (\d+) noised images/s, ", last)
 
 
-def test_progress_log_keeps_quiet_beside_a_bar_and_spaces_its_lines():
-    quiet = ProgressLog(every_s=1e-9)
-    _fit_tiny([quiet, DPProgressBar(epsilon_every_s=0)], enable_progress_bar=True)
-    assert quiet.lines == []
-    spaced = ProgressLog(every_s=3600)  # only the last step's line inside an hour
-    _fit_tiny([spaced], enable_progress_bar=False)
-    assert [line.split(",")[0] for line in spaced.lines] == ["step 10/10 (100%)"]
+def test_progress_log_keeps_quiet_beside_a_bar_and_spaces_its_lines(caplog):
+    with caplog.at_level(logging.INFO, logger="dpdm.train"):
+        _fit_tiny([ProgressLog(every_s=1e-9), DPProgressBar(epsilon_every_s=0)], enable_progress_bar=True)
+    assert _logged(caplog) == []
+    with caplog.at_level(logging.INFO, logger="dpdm.train"):
+        _fit_tiny([ProgressLog(every_s=3600)], enable_progress_bar=False)  # only the last step's line in an hour
+    assert [line.split(",")[0] for line in _logged(caplog)] == ["step 10/10 (100%)"]
+
+
+def _logged(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "dpdm.train"]
 
 
 def test_progress_log_refuses_a_period_that_is_not_positive_and_a_minimum_outside_its_window():
