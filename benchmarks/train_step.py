@@ -3,7 +3,7 @@
     python benchmarks/train_step.py                      # CPU: tiny U-Net, 32 examples x K=4 (~1 min)
     python benchmarks/train_step.py --preset paper       # paper network, 128 x K=32 (GPU)
     python benchmarks/train_step.py --variants nonprivate,dpdm,dpdm_unfold,dpdm_opacus_hooks,opacus
-    python benchmarks/train_step.py --net ddpmpp_tiny_p2 --channels 24 --batch 1024 --k 1   # a narrower net
+    python benchmarks/train_step.py --net ddpmpp_tiny_p2 --channels 24 --batch 256 --k 1   # a narrower net
 
 Every variant trains the same network (same init) on the same batch with the same loss (EDM, K noise
 levels per example, Adam). Variants:
@@ -325,8 +325,8 @@ def main(argv=None) -> None:
     if args.profile:
         profile_steps(steps, args.profile, torch.device(args.device))
     record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "preset": preset,
-              "settings": {k: getattr(args, k) for k in ("device", "net", "channels", "batch", "k", "steps", "warmup",
-                                                          "rounds", "threads", "precision",
+              "settings": {k: getattr(args, k) for k in ("device", "net", "channels", "batch", "k", "steps",
+                                                          "warmup", "rounds", "threads", "precision",
                                                           "malloc_tuned")},
               "torch_threads": torch.get_num_threads(), "machine": machine(), "results": rows,
               "wall_s": round(time.perf_counter() - t0, 1)}

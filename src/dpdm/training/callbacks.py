@@ -207,30 +207,30 @@ class ProgressLog(pl.Callback):
             raise ValueError(f"callbacks.progress_log.min_steps must be in [1, window={window}], got {min_steps}")
         self.every_s, self.always, self.min_steps = float(every_s), always, min_steps
         self._clock = StepClock(window)
-        self._next_at: float | None = None
-        self.lines: list[str] = []  # what it logged, for tests
+        self._next_at = self._total = None
+        self._active = False
 
     def on_train_start(self, trainer, pl_module):
-        self._next_at = time.monotonic() + self.every_s
+        plan = getattr(pl_module, "plan", None)
+        self._active = (plan is not None and trainer.is_global_zero
+                        and (trainer.progress_bar_callback is None or self.always))
+        if self._active:  # the run's length is fixed by now: computed once, not at every step
+            self._total = run_total_steps(trainer, plan)
+            self._next_at = time.monotonic() + self.every_s
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._clock.new_epoch()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._clock.tick()
-        plan = getattr(pl_module, "plan", None)
-        if plan is None or not trainer.is_global_zero:
+        if not self._active:
             return
-        if trainer.progress_bar_callback is not None and not self.always:
-            return
-        now = time.monotonic()
-        steps, total = pl_module.steps_taken, run_total_steps(trainer, plan)
-        if now < (self._next_at or 0.0) and steps < total:
+        now, steps = time.monotonic(), pl_module.steps_taken
+        if now < self._next_at and steps < self._total:
             return
         self._next_at = now + self.every_s
         step_s = self._clock.mean_step_s if self._clock.steps >= self.min_steps else None
-        self.lines.append(progress_line(steps, total, plan, pl_module, step_s))
-        logging.getLogger("dpdm.train").info(self.lines[-1])
+        logging.getLogger("dpdm.train").info(progress_line(steps, self._total, pl_module.plan, pl_module, step_s))
 
 
 def progress_line(steps: int, total: float, plan, pl_module, step_s: float | None) -> str:
