@@ -174,3 +174,34 @@ def test_downstream_classifiers(make, K):
     validate_for_dp(net)
     B = 2
     check_per_example_grads(net, (_x(B * K, 1, 28, 28).clamp(-1, 1),), B=B, K=K)
+
+
+# --- the grouped convolution's weight stand-in ----------------------------------------------------------
+
+def test_grouped_conv_weight_gradients_ignore_the_stand_in_weight_and_reuse_one_buffer():
+    """The grouped kernel is given one shared buffer in place of B copies of each layer's weight: its
+    values must not reach the gradients (NaN in it changes nothing), and after the first backward no
+    layer allocates a new one (the buffer fits the largest layer)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.SiLU(), nn.Conv2d(5, 3, 3, padding=1)).double()
+    B, K = 3, 2
+    x = _x(B * K, 2, 5, 5)
+    engine = make_per_example_engine(net, noise_multiplicity=K, engine="fold")  # grouped: its default
+
+    def grad_samples():
+        with engine.capture():
+            out = net(x)
+        engine.backward(out.square().flatten(1).sum(1).reshape(B, K).mean(1))
+        return [p.grad_sample.clone() for p in net.parameters()]
+
+    try:
+        first = grad_samples()
+        stand_in = engine._weight_stand_in._buf
+        assert stand_in.numel() == B * max(5 * 2, 3 * 5) * 9  # B·Cout·Cin·k² of the larger layer
+        stand_in.fill_(float("nan"))
+        second = grad_samples()
+        assert engine._weight_stand_in._buf.data_ptr() == stand_in.data_ptr()
+        for a, b in zip(first, second, strict=True):
+            assert torch.isfinite(b).all() and torch.equal(a, b)
+    finally:
+        engine.cleanup()

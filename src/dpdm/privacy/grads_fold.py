@@ -21,6 +21,7 @@ called several times in one forward gets the sum of its per-call contributions.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -55,6 +56,27 @@ class _Record:
     output: Tensor
 
 
+class ShapeOnlyWeight:
+    """A dense stand-in for the grouped convolution's (B·Cout, Cin, kh, kw) weight, reused across layers.
+
+    The backward kernel computes the weight gradient from the input and the output gradient alone; it
+    reads the weight for its shape but needs it dense. Building it from the layer's weight (expand, then
+    reshape) copied B weights every call, as many bytes as the gradient itself: 7 copies of 36-75 MB per
+    chunk of 256 in ddpmpp_tiny_p2, page-faulted in afresh each time because they exceed malloc's mmap
+    threshold (docs/performance.md). One zero buffer, grown to the largest layer, serves every call.
+    """
+
+    def __init__(self):
+        self._buf: Tensor | None = None
+
+    def like(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        n = math.prod(shape)
+        buf = self._buf
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            self._buf = buf = torch.zeros(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
 @dataclass
 class PerExampleGradients:
     """Attach to `module`; inside `capture()` run the forward, then call `backward(per_example_losses)`.
@@ -69,6 +91,7 @@ class PerExampleGradients:
     _records: list = field(default_factory=list, repr=False)
     _capturing: bool = field(default=False, repr=False)
     _handles: list = field(default_factory=list, repr=False)
+    _weight_stand_in: ShapeOnlyWeight = field(default_factory=ShapeOnlyWeight, repr=False)
 
     def __post_init__(self):
         if self.noise_multiplicity < 1:
@@ -126,7 +149,8 @@ class PerExampleGradients:
                     "network must see B·K rows, a multiple of K, example-major")
             if g is None:  # the output did not reach the loss: zero gradient (filled in below)
                 continue
-            for p, gs in _layer_grad_samples(rec.module, rec.activation, g, B, self.conv_method):
+            for p, gs in _layer_grad_samples(rec.module, rec.activation, g, B, self.conv_method,
+                                             self._weight_stand_in):
                 gs = gs.to(p.dtype)
                 p.grad_sample = gs if p.grad_sample is None else p.grad_sample + gs
         for p in self.module.parameters():
@@ -134,7 +158,8 @@ class PerExampleGradients:
                 p.grad_sample = torch.zeros((B, *p.shape), dtype=p.dtype, device=p.device)
 
 
-def _layer_grad_samples(m: nn.Module, a: Tensor, g: Tensor, B: int, conv_method: str):
+def _layer_grad_samples(m: nn.Module, a: Tensor, g: Tensor, B: int, conv_method: str,
+                        weight_stand_in: ShapeOnlyWeight):
     """(param, (B, *param.shape)) pairs for one recorded call of layer m with input a, output grad g."""
     if a.is_floating_point() and a.dtype != g.dtype:
         # Mixed precision (autocast): the layer computed in its output's dtype, so contract in it too;
@@ -143,7 +168,7 @@ def _layer_grad_samples(m: nn.Module, a: Tensor, g: Tensor, B: int, conv_method:
     if isinstance(m, nn.Linear):
         yield from _linear(m, a, g, B)
     elif isinstance(m, nn.Conv2d):
-        yield from _conv(m, a, g, B, conv_method)
+        yield from _conv(m, a, g, B, conv_method, weight_stand_in)
     elif isinstance(m, nn.GroupNorm):
         yield from _group_norm(m, a, g, B)
     else:
@@ -167,13 +192,13 @@ def _per_example_columns(t: Tensor, B: int) -> Tensor:
     return t.reshape(B, K, C, L).transpose(1, 2).reshape(B, C, K * L)
 
 
-def _conv(m: nn.Conv2d, a: Tensor, g: Tensor, B: int, method: str):
+def _conv(m: nn.Conv2d, a: Tensor, g: Tensor, B: int, method: str, weight_stand_in: ShapeOnlyWeight):
     if m.weight.requires_grad:
         if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0):
             # A 1x1 convolution is a Linear over positions: one bmm, no im2col (fastest measured).
             gw = _bmm_weight_grad(g.flatten(2), a.flatten(2), B)
         elif method == "grouped":
-            gw = _conv_weight_grad_grouped(m, a, g, B)
+            gw = _conv_weight_grad_grouped(m, a, g, B, weight_stand_in)
         else:
             cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
             gw = _bmm_weight_grad(g.flatten(2), cols, B)
@@ -187,7 +212,8 @@ def _bmm_weight_grad(g: Tensor, cols: Tensor, B: int) -> Tensor:
     return torch.bmm(_per_example_columns(g, B), _per_example_columns(cols, B).transpose(1, 2))
 
 
-def _conv_weight_grad_grouped(m: nn.Conv2d, a: Tensor, g: Tensor, B: int) -> Tensor:
+def _conv_weight_grad_grouped(m: nn.Conv2d, a: Tensor, g: Tensor, B: int,
+                              weight_stand_in: ShapeOnlyWeight) -> Tensor:
     """Per-example weight gradients as the weight gradient of a B-group convolution.
 
     Put the examples in the channel dimension and the K copies in the batch dimension: a convolution
@@ -200,9 +226,7 @@ def _conv_weight_grad_grouped(m: nn.Conv2d, a: Tensor, g: Tensor, B: int) -> Ten
     Cout, Ho, Wo = g.shape[1:]
     a_g = a.reshape(B, K, Cin, H, W).transpose(0, 1).reshape(K, B * Cin, H, W)
     g_g = g.reshape(B, K, Cout, Ho, Wo).transpose(0, 1).reshape(K, B * Cout, Ho, Wo)
-    # Only the weight's shape matters to the backward kernel; expand makes no copy.
-    w = m.weight.detach().to(a.dtype)
-    w_g = w.expand(B, *w.shape).reshape(B * Cout, *w.shape[1:])
+    w_g = weight_stand_in.like((B * Cout, *m.weight.shape[1:]), a.dtype, a.device)  # its shape only
     _, gw, _ = torch.ops.aten.convolution_backward(
         g_g, a_g, w_g, None, list(m.stride), list(m.padding), list(m.dilation), False, [0, 0], B,
         [False, True, False])
