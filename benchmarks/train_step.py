@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --preset paper       # paper network, 128 x K=32 (GPU)
     python benchmarks/train_step.py --variants nonprivate,dpdm,dpdm_unfold,dpdm_opacus_hooks,opacus
     python benchmarks/train_step.py --net ddpmpp_tiny_p2 --channels 24 --batch 256 --k 1   # a narrower net
+    python benchmarks/train_step.py --net ddpmpp_tiny_p2 --batch 2048 --physical 256 --k 1  # as a CPU preset trains
 
 Every variant trains the same network (same init) on the same batch with the same loss (EDM, K noise
 levels per example, Adam). Variants:
@@ -15,6 +16,9 @@ levels per example, Adam). Variants:
   opacus              the baseline: stock Opacus hooks over the B·K rows (one per-sample gradient per
                       noised copy), averaged over each example's K copies before clipping — the DPDM
                       reference code's method
+`--physical P` splits each step's B examples into chunks of P, as training does with
+`max_physical_batch_size`: per-example gradients are clipped and summed chunk by chunk, and the noise and
+the optimizer step come once per logical batch. Without it the B examples run as one chunk.
 Timing is interleaved (round robin over variants, `--rounds` rounds of `--steps` steps after warm-up) so
 load changes on a shared machine hit all variants alike; the figure is the median step. Peak memory is
 CUDA's max allocated bytes on GPU, and on CPU the peak resident set of a separate process running only
@@ -83,8 +87,10 @@ def _averaging_dp_optimizer(**kw):
     return PerGroupAveragingDPOptimizer(**kw)
 
 
-def make_step(variant: str, den: Denoiser, *, B: int, K: int, device, precision: str = "fp32"):
-    """A closure running one full training step (noise draw, loss, backward, optimizer step)."""
+def make_step(variant: str, den: Denoiser, *, B: int, K: int, device, precision: str = "fp32",
+              physical: int = 0):
+    """A closure running one full training step (noise draw, loss, backward, optimizer step) of B examples,
+    in chunks of `physical` examples (0: one chunk) as DPDiffusionModule.training_step runs them."""
     from contextlib import nullcontext
 
     from dpdm.privacy.engine import make_dp_components
@@ -98,17 +104,19 @@ def make_step(variant: str, den: Denoiser, *, B: int, K: int, device, precision:
     x = torch.rand((B, 1, 28, 28), generator=gen, device=device) * 2 - 1
     y = torch.randint(0, 10, (B,), generator=gen, device=device)
     adam = torch.optim.Adam(den.parameters(), lr=1e-4)
-    noise = lambda: draw_training_noise(x, y, noise_multiplicity=K, noise_levels=noise_levels,
-                                        label_dropout=0.1, null_label=den.null_label, generator=gen)
+    chunks = [(x[i:i + physical], y[i:i + physical]) for i in range(0, B, physical)] if physical else [(x, y)]
+    noise = lambda xc, yc: draw_training_noise(xc, yc, noise_multiplicity=K, noise_levels=noise_levels,
+                                               label_dropout=0.1, null_label=den.null_label, generator=gen)
     dp_kw = dict(noise_multiplier=SIGMA, max_grad_norm=C, expected_batch_size=B, loss_reduction="mean",
                  generator=torch.Generator(device=device).manual_seed(2))
 
     if variant == "nonprivate":
         def step():
             adam.zero_grad(set_to_none=True)
-            with amp():
-                loss = denoising_loss_per_example(den, x, noise()).mean()
-            loss.backward()
+            for xc, yc in chunks:  # weighted so that the chunks' sum is the mean over the B examples
+                with amp():
+                    loss = denoising_loss_per_example(den, xc, noise(xc, yc)).mean() * (len(xc) / B)
+                loss.backward()
             adam.step()
         return step
 
@@ -119,11 +127,11 @@ def make_step(variant: str, den: Denoiser, *, B: int, K: int, device, precision:
         opt = _averaging_dp_optimizer(optimizer=adam, noise_multiplicity=K, **dp_kw)
 
         def step():
-            with amp():
-                loss = denoising_loss_per_example(den, x, noise()).mean()  # mean over B·K rows
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+            for j, (xc, yc) in enumerate(chunks):
+                with amp():
+                    loss = denoising_loss_per_example(den, xc, noise(xc, yc)).mean()  # mean over the rows
+                loss.backward()
+                _clip_chunk_or_step(opt, last=j == len(chunks) - 1)
         return step
 
     # dpdm's own assembly, as dpdm-train builds it (engine + DPOptimizer + accountant hook).
@@ -132,12 +140,21 @@ def make_step(variant: str, den: Denoiser, *, B: int, K: int, device, precision:
     engine, opt = dp.per_example, dp.optimizer
 
     def step():
-        with engine.capture(), amp():
-            losses = denoising_loss_per_example(den, x, noise())
-        engine.backward(losses)
-        opt.step()
-        opt.zero_grad()
+        for j, (xc, yc) in enumerate(chunks):
+            with engine.capture(), amp():
+                losses = denoising_loss_per_example(den, xc, noise(xc, yc))
+            engine.backward(losses)
+            _clip_chunk_or_step(opt, last=j == len(chunks) - 1)
     return step
+
+
+def _clip_chunk_or_step(opt, *, last: bool) -> None:
+    """As training_step: every chunk but the last is clipped and summed by a skipped Opacus step; the last
+    one's step adds the noise once and updates the weights."""
+    if not last:
+        opt.signal_skip_step(True)
+    opt.step()
+    opt.zero_grad()
 
 
 def sync(device):
@@ -178,7 +195,8 @@ def worker_peak_memory(args) -> None:
     device = torch.device("cpu")
     torch.set_num_threads(args.threads) if args.threads else None
     den = build(args.net, device, channels=args.channels)
-    step = make_step(args.worker, den, B=args.batch, K=args.k, device=device, precision=args.precision)
+    step = make_step(args.worker, den, B=args.batch, K=args.k, device=device, precision=args.precision,
+                     physical=args.physical)
     step()  # warm-up: allocator pools, Adam state, lazily built buffers
     before = _proc_status_bytes("VmRSS")
     _reset_peak_rss()
@@ -194,7 +212,8 @@ def measure(args) -> tuple[dict, dict]:
     steps = {}
     for v in args.variants:
         den = build(args.net, device, channels=args.channels)  # same init for every variant
-        steps[v] = make_step(v, den, B=args.batch, K=args.k, device=device, precision=args.precision)
+        steps[v] = make_step(v, den, B=args.batch, K=args.k, device=device, precision=args.precision,
+                             physical=args.physical)
         timed_steps(steps[v], args.warmup, device)
     times = {v: [] for v in args.variants}
     peak = {}
@@ -212,7 +231,8 @@ def measure(args) -> tuple[dict, dict]:
         for v in args.variants:
             cmd = [sys.executable, __file__, "--worker", v, "--net", args.net, "--batch", str(args.batch),
                    "--channels", str(args.channels or 0),
-                   "--k", str(args.k), "--threads", str(args.threads or 0), "--precision", args.precision]
+                   "--k", str(args.k), "--threads", str(args.threads or 0), "--precision", args.precision,
+                   "--physical", str(args.physical)]
             # Peak-RSS growth of one step is only visible with glibc's defaults (freed memory returned
             # to the OS); with the tuning, memory retained from the warm-up step hides it.
             cmd += ["--no-malloc-tuning"]
@@ -248,7 +268,8 @@ def print_table(rows: dict, args) -> None:
         facts = machine_facts()
         where += f" ({', '.join([facts['cpu'], facts['cpu_isa'], *facts['cpu_bf16_flags']])})"
     width = f" at model_channels {args.channels}" if args.channels else ""
-    print(f"\n{args.net}{width}, {args.batch} examples x K={args.k} = {n_img} noised images/step, "
+    chunks = f" in chunks of {args.physical}" if args.physical and args.physical < args.batch else ""
+    print(f"\n{args.net}{width}, {args.batch} examples{chunks} x K={args.k} = {n_img} noised images/step, "
           f"{where}, {args.precision}, {torch.get_num_threads()} threads, "
           f"malloc {'tuned' if args.malloc_tuned else 'default'}")
     print(f"{'variant':<19}{'img/s':>10}{'step s':>9}{'vs non-private':>16}{'vs opacus':>11}"
@@ -285,6 +306,8 @@ def main(argv=None) -> None:
     ap.add_argument("--channels", type=int, default=0,
                     help="the net's model_channels (0 = the conf/net/ file's), e.g. 24 for a narrower net")
     ap.add_argument("--batch", type=int, default=None, help="examples per step (B)")
+    ap.add_argument("--physical", type=int, default=0, metavar="P",
+                    help="examples per physical chunk, as max_physical_batch_size (0 = the whole batch at once)")
     ap.add_argument("--k", type=int, default=None, help="noise multiplicity K")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per variant per round")
     ap.add_argument("--warmup", type=int, default=None)
@@ -318,6 +341,8 @@ def main(argv=None) -> None:
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         ap.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    if args.physical < 0:
+        ap.error(f"--physical must be 0 (one chunk) or a positive number of examples, got {args.physical}")
 
     t0 = time.perf_counter()
     rows, steps = measure(args)
@@ -325,8 +350,8 @@ def main(argv=None) -> None:
     if args.profile:
         profile_steps(steps, args.profile, torch.device(args.device))
     record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "preset": preset,
-              "settings": {k: getattr(args, k) for k in ("device", "net", "channels", "batch", "k", "steps",
-                                                          "warmup", "rounds", "threads", "precision",
+              "settings": {k: getattr(args, k) for k in ("device", "net", "channels", "batch", "physical", "k",
+                                                          "steps", "warmup", "rounds", "threads", "precision",
                                                           "malloc_tuned")},
               "torch_threads": torch.get_num_threads(), "machine": machine(), "results": rows,
               "wall_s": round(time.perf_counter() - t0, 1)}

@@ -53,3 +53,43 @@ def test_bench_channels_builds_the_net_dpdm_train_composes_with_that_width():
     assert shapes(benched) == shapes(trained)
     assert sum(p.numel() for p in benched.parameters()) == 405_700
     assert shapes(bench.build("ddpmpp_tiny_p2", "cpu").net) != shapes(trained)  # 0: the file's width (32)
+
+
+@pytest.mark.parametrize("variant", ["nonprivate", "dpdm", "opacus"])
+def test_bench_physical_chunks_give_the_whole_batch_update_in_one_optimizer_step(variant, monkeypatch):
+    """--physical splits a step as training_step does: the optimizer steps once per logical batch, and (with
+    σ = 0 and the same draws per example) the gradient it receives is the unchunked step's."""
+    import torch
+
+    from dpdm.diffusion.loss import TrainingNoise
+    from tests.helpers import load_script
+
+    bench = load_script("benchmarks/train_step.py", "train_step_bench")
+    monkeypatch.setattr(bench, "SIGMA", 0.0)  # no DP noise: the update is the mean of clipped gradients
+    real_draw = bench.draw_training_noise
+
+    def draws_keyed_by_example(xc, yc, *, generator, **kw):  # example i draws alike in any chunk
+        parts = [real_draw(xc[i:i + 1], yc[i:i + 1], generator=torch.Generator().manual_seed(
+            int(xc[i].sum().item() * 1e4) % 2**31), **kw) for i in range(len(xc))]
+        return TrainingNoise(torch.cat([p.sigma for p in parts]), torch.cat([p.noise for p in parts]),
+                             torch.cat([p.class_labels for p in parts]))
+
+    monkeypatch.setattr(bench, "draw_training_noise", draws_keyed_by_example)
+    seen = []
+    adam_step = torch.optim.Adam.step
+
+    def recording_step(self, *a, **k):
+        seen.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return adam_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    grads = {}
+    for physical in (0, 2):  # 5 examples: one chunk, or chunks of 2, 2 and 1
+        seen.clear()
+        den = bench.build("ddpmpp_tiny", torch.device("cpu"))
+        bench.make_step(variant, den, B=5, K=1, device=torch.device("cpu"), physical=physical)()
+        assert len(seen) == 1  # one optimizer step per logical batch, chunked or not
+        grads[physical] = seen[0]
+    biggest = max(g.abs().max().item() for g in grads[0])
+    worst = max((a - b).abs().max().item() for a, b in zip(grads[0], grads[2], strict=True))
+    assert biggest > 1e-3 and worst < 1e-5 * biggest, (worst, biggest)  # float32 sums in another order
