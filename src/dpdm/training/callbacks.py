@@ -222,18 +222,19 @@ class ProgressLog(pl.Callback):
         self._clock.new_epoch()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._clock.tick()
-        if not self._active:
+        if not self._active:  # beside a bar (the usual interactive run): no work at any step
             return
+        self._clock.tick()
         now, steps = time.monotonic(), pl_module.steps_taken
         if now < self._next_at and steps < self._total:
             return
         self._next_at = now + self.every_s
         step_s = self._clock.mean_step_s if self._clock.steps >= self.min_steps else None
-        logging.getLogger("dpdm.train").info(progress_line(steps, self._total, pl_module.plan, pl_module, step_s))
+        logging.getLogger("dpdm.train").info(progress_line(pl_module, steps, self._total, step_s))
 
 
-def progress_line(steps: int, total: float, plan, pl_module, step_s: float | None) -> str:
+def progress_line(pl_module, steps: int, total: float, step_s: float | None) -> str:
+    plan = pl_module.plan
     parts = [f"step {steps}/{total:.0f} ({100 * steps / total:.0f}%)" if math.isfinite(total) else f"step {steps}"]
     if plan.enabled:
         parts.append(f"ε {pl_module.epsilon_spent():.3g}/{plan.target_epsilon:g}")
